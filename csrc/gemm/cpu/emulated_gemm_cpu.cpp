@@ -1,0 +1,168 @@
+// CPU implementation of the emulated fp32 GEMM: the same split as the CUDA kernels (split.h,
+// bit-identical), the same three products hi*hi + 2^-11 (hi*lo + lo*hi). Products of fp16
+// parts are exact in fp64, and the CPU accumulates them in fp64 (the GPU promotes fp32
+// tensor-core partial sums every k-tile instead). Fallback rows/columns: fp64 dot products.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../gemm.h"
+#include "../split.h"
+
+namespace torch_hpc {
+namespace gemm {
+namespace {
+
+// Split planes of a batch of row sets: hi/lo [batch, rows, k], exponent/fallback [batch, rows].
+struct Planes {
+  at::Tensor hi, lo, exponent, fallback;
+};
+
+// x viewed as [batch, rows, k] through the given strides.
+Planes split_cpu(const float* x, int64_t batch, int64_t rows, int64_t k, int64_t sb, int64_t sr,
+                 int64_t sk, const at::TensorOptions& opts) {
+  Planes p{at::empty({batch, rows, k}, opts.dtype(at::kHalf)),
+           at::empty({batch, rows, k}, opts.dtype(at::kHalf)),
+           at::empty({batch, rows}, opts.dtype(at::kInt)),
+           at::empty({batch, rows}, opts.dtype(at::kInt))};
+  auto* hi = reinterpret_cast<uint16_t*>(p.hi.data_ptr<at::Half>());
+  auto* lo = reinterpret_cast<uint16_t*>(p.lo.data_ptr<at::Half>());
+  int32_t* ex = p.exponent.data_ptr<int32_t>();
+  int32_t* fb = p.fallback.data_ptr<int32_t>();
+  at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t br = begin; br < end; ++br) {
+      const float* row = x + (br / rows) * sb + (br % rows) * sr;
+      RowStats stats;
+      for (int64_t i = 0; i < k; ++i) stats.add(row[i * sk]);
+      const RowScale s = row_scale(stats.max_abs, stats.min_nonzero_abs);
+      ex[br] = s.exponent;
+      fb[br] = s.fallback ? 1 : 0;
+      for (int64_t i = 0; i < k; ++i) split_value(row[i * sk], s, hi[br * k + i], lo[br * k + i]);
+    }
+  });
+  return p;
+}
+
+double exact_dot(const float* a, int64_t sa, const float* b, int64_t sb, int64_t k) {
+  double s = 0.0;
+  for (int64_t i = 0; i < k; ++i) s += static_cast<double>(a[i * sa]) * static_cast<double>(b[i * sb]);
+  return s;
+}
+
+constexpr int kRowBlock = 4;
+constexpr int64_t kColBlock = 256;
+
+// One batch: c[m, n] from the planes of A (rows m) and of B^T (rows n).
+void gemm_cpu_batch(const Planes& pa, const Planes& pb, int64_t bi, int64_t m, int64_t n, int64_t k,
+                    const float* a, int64_t a_sm, int64_t a_sk, const float* b, int64_t b_sk,
+                    int64_t b_sn, float* c, int64_t c_sm, int64_t c_sn) {
+  const double lo_scale = 1.0 / double(1 << kLoShift);
+  const auto* ahi = reinterpret_cast<const uint16_t*>(pa.hi.data_ptr<at::Half>()) + bi * m * k;
+  const auto* alo = reinterpret_cast<const uint16_t*>(pa.lo.data_ptr<at::Half>()) + bi * m * k;
+  const auto* bhi = reinterpret_cast<const uint16_t*>(pb.hi.data_ptr<at::Half>()) + bi * n * k;
+  const auto* blo = reinterpret_cast<const uint16_t*>(pb.lo.data_ptr<at::Half>()) + bi * n * k;
+  const int32_t* ea = pa.exponent.data_ptr<int32_t>() + bi * m;
+  const int32_t* eb = pb.exponent.data_ptr<int32_t>() + bi * n;
+  const int32_t* fa = pa.fallback.data_ptr<int32_t>() + bi * m;
+  const int32_t* fb = pb.fallback.data_ptr<int32_t>() + bi * n;
+
+  // B as [k, n] in fp64: b_sum = hi + 2^-11 lo (exact) and b_hi.
+  std::vector<double> b_sum(k * n), b_hi(k * n);
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t i = 0; i < k; ++i) {
+        const double h = f16_to_f32(bhi[j * k + i]);
+        b_hi[i * n + j] = h;
+        b_sum[i * n + j] = h + lo_scale * f16_to_f32(blo[j * k + i]);
+      }
+  });
+
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+    double acc[kRowBlock][kColBlock];
+    for (int64_t rb = begin; rb < end; ++rb) {
+      const int64_t i0 = rb * kRowBlock;
+      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, m - i0));
+      for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
+        const int64_t cols = std::min<int64_t>(kColBlock, n - j0);
+        for (int r = 0; r < kRowBlock; ++r) std::fill(acc[r], acc[r] + cols, 0.0);
+        for (int64_t i = 0; i < k; ++i) {
+          double ah[kRowBlock] = {}, al[kRowBlock] = {};
+          for (int r = 0; r < rows; ++r) {
+            ah[r] = f16_to_f32(ahi[(i0 + r) * k + i]);
+            al[r] = lo_scale * f16_to_f32(alo[(i0 + r) * k + i]);
+          }
+          const double* bs = b_sum.data() + i * n + j0;
+          const double* bh = b_hi.data() + i * n + j0;
+          // Products of fp16 parts are exact in fp64; each sum is rounded once.
+          for (int64_t j = 0; j < cols; ++j) {
+            acc[0][j] += ah[0] * bs[j] + al[0] * bh[j];
+            acc[1][j] += ah[1] * bs[j] + al[1] * bh[j];
+            acc[2][j] += ah[2] * bs[j] + al[2] * bh[j];
+            acc[3][j] += ah[3] * bs[j] + al[3] * bh[j];
+          }
+        }
+        for (int r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            c[(i0 + r) * c_sm + (j0 + j) * c_sn] =
+                static_cast<float>(std::ldexp(acc[r][j], ea[i0 + r] + eb[j0 + j]));
+      }
+    }
+  });
+
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (fa[i] || fb[j])
+        c[i * c_sm + j * c_sn] =
+            static_cast<float>(exact_dot(a + i * a_sm, a_sk, b + j * b_sn, b_sk, k));
+    }
+  }
+}
+
+at::Tensor bmm_cpu_impl(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  at::Tensor c = at::empty({batch, m, n}, a.options());
+  if (c.numel() == 0) return c;
+  if (k == 0) return c.zero_();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const Planes pa = split_cpu(ap, batch, m, k, a.stride(0), a.stride(1), a.stride(2), a.options());
+  const Planes pb = split_cpu(bp, batch, n, k, b.stride(0), b.stride(2), b.stride(1), b.options());
+  float* cp = c.data_ptr<float>();
+  for (int64_t bi = 0; bi < batch; ++bi)
+    gemm_cpu_batch(pa, pb, bi, m, n, k, ap + bi * a.stride(0), a.stride(1), a.stride(2),
+                   bp + bi * b.stride(0), b.stride(1), b.stride(2), cp + bi * c.stride(0),
+                   c.stride(1), c.stride(2));
+  return c;
+}
+
+at::Tensor mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_matmul_args(a, b, 2, "mm");
+  return bmm_cpu_impl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0);
+}
+
+at::Tensor bmm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_matmul_args(a, b, 3, "bmm");
+  return bmm_cpu_impl(a, b);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cpu_op(const at::Tensor& x) {
+  check_split_arg(x);
+  const Planes p = split_cpu(x.data_ptr<float>(), 1, x.size(0), x.size(1), 0, x.stride(0),
+                             x.stride(1), x.options());
+  return {p.hi.squeeze(0), p.lo.squeeze(0), p.exponent.squeeze(0), p.fallback.squeeze(0).to(at::kBool)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_hpc, CPU, m) {
+  m.impl("mm", &mm_cpu);
+  m.impl("bmm", &bmm_cpu);
+  m.impl("split", &split_cpu_op);
+}
+
+}  // namespace gemm
+}  // namespace torch_hpc

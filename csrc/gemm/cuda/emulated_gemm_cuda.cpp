@@ -1,0 +1,119 @@
+// CUDA implementation of torch_hpc::mm / bmm / split: workspaces from PyTorch's caching
+// allocator, kernels on the current stream, no host synchronisation.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../gemm.h"
+#include "kernels.h"
+
+namespace torch_hpc {
+namespace gemm {
+namespace {
+
+struct Planes {
+  at::Tensor hi, lo, exponent, fallback;
+  int64_t rows_pad, k_pad;
+};
+
+// x viewed as [batch, rows, k] through (sb, sr, sk).
+Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, int64_t sb,
+                  int64_t sr, int64_t sk, cudaStream_t stream) {
+  const int64_t rows_pad = round_up(rows, cuda::kTileRows);
+  const int64_t k_pad = round_up(k, cuda::kTileK);
+  const auto opts = x.options();
+  Planes p{at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
+           at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
+           at::empty({batch, rows_pad}, opts.dtype(at::kInt)),
+           at::empty({batch, rows_pad}, opts.dtype(at::kInt)), rows_pad, k_pad};
+  cuda::SplitParams sp{x.data_ptr<float>(),
+                       batch, rows, k, sb, sr, sk,
+                       reinterpret_cast<uint16_t*>(p.hi.data_ptr<at::Half>()),
+                       reinterpret_cast<uint16_t*>(p.lo.data_ptr<at::Half>()),
+                       p.exponent.data_ptr<int32_t>(),
+                       p.fallback.data_ptr<int32_t>(),
+                       rows_pad, k_pad};
+  C10_CUDA_CHECK(cuda::launch_split(sp, stream));
+  return p;
+}
+
+at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  at::Tensor c = at::empty({batch, m, n}, a.options());
+  if (c.numel() == 0) return c;
+  if (k == 0) return c.zero_();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Planes pa = split_cuda(a, batch, m, k, a.stride(0), a.stride(1), a.stride(2), stream);
+  const Planes pb = split_cuda(b, batch, n, k, b.stride(0), b.stride(2), b.stride(1), stream);
+  cuda::GemmParams gp{};
+  gp.a_hi = reinterpret_cast<const uint16_t*>(pa.hi.data_ptr<at::Half>());
+  gp.a_lo = reinterpret_cast<const uint16_t*>(pa.lo.data_ptr<at::Half>());
+  gp.b_hi = reinterpret_cast<const uint16_t*>(pb.hi.data_ptr<at::Half>());
+  gp.b_lo = reinterpret_cast<const uint16_t*>(pb.lo.data_ptr<at::Half>());
+  gp.a_exponent = pa.exponent.data_ptr<int32_t>();
+  gp.b_exponent = pb.exponent.data_ptr<int32_t>();
+  gp.a_fallback = pa.fallback.data_ptr<int32_t>();
+  gp.b_fallback = pb.fallback.data_ptr<int32_t>();
+  gp.m_pad = pa.rows_pad;
+  gp.n_pad = pb.rows_pad;
+  gp.k_pad = pa.k_pad;
+  gp.a_orig = a.data_ptr<float>();
+  gp.a_stride_b = a.stride(0);
+  gp.a_stride_m = a.stride(1);
+  gp.a_stride_k = a.stride(2);
+  gp.b_orig = b.data_ptr<float>();
+  gp.b_stride_b = b.stride(0);
+  gp.b_stride_k = b.stride(1);
+  gp.b_stride_n = b.stride(2);
+  gp.c = c.data_ptr<float>();
+  gp.c_stride_b = c.stride(0);
+  gp.c_stride_m = c.stride(1);
+  gp.c_stride_n = c.stride(2);
+  gp.batch = batch;
+  gp.m = m;
+  gp.n = n;
+  gp.k = k;
+  C10_CUDA_CHECK(cuda::launch_gemm(gp, stream));
+  return c;
+}
+
+at::Tensor mm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_matmul_args(a, b, 2, "mm");
+  return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0);
+}
+
+at::Tensor bmm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_matmul_args(a, b, 3, "bmm");
+  return bmm_cuda_impl(a, b);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cuda_op(const at::Tensor& x) {
+  check_split_arg(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), k = x.size(1);
+  if (rows == 0 || k == 0) {
+    const auto opts = x.options();
+    return {at::zeros({rows, k}, opts.dtype(at::kHalf)), at::zeros({rows, k}, opts.dtype(at::kHalf)),
+            at::zeros({rows}, opts.dtype(at::kInt)), at::zeros({rows}, opts.dtype(at::kBool))};
+  }
+  const Planes p = split_cuda(x, 1, rows, k, 0, x.stride(0), x.stride(1),
+                              at::cuda::getCurrentCUDAStream());
+  return {p.hi[0].narrow(0, 0, rows).narrow(1, 0, k).contiguous(),
+          p.lo[0].narrow(0, 0, rows).narrow(1, 0, k).contiguous(),
+          p.exponent[0].narrow(0, 0, rows).contiguous(),
+          p.fallback[0].narrow(0, 0, rows).to(at::kBool)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
+  m.impl("mm", &mm_cuda);
+  m.impl("bmm", &bmm_cuda);
+  m.impl("split", &split_cuda_op);
+}
+
+}  // namespace gemm
+}  // namespace torch_hpc

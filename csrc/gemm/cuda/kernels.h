@@ -1,0 +1,48 @@
+// Torch-free interface of the CUDA kernels (kernels.cu), so that they compile and can be
+// disassembled with nvcc alone.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace torch_hpc {
+namespace gemm {
+namespace cuda {
+
+constexpr int kTileRows = 128;  // rows of A / columns of B are padded to this
+constexpr int kTileK = 32;      // K is padded to this
+
+// Splits x[b, r, k] (any strides, in elements) into K-contiguous, zero-padded fp16 planes
+// hi/lo[b, rows_pad, k_pad], plus exponent[b, rows_pad] and fallback[b, rows_pad].
+struct SplitParams {
+  const float* x;
+  int64_t batch, rows, k;
+  int64_t stride_b, stride_r, stride_k;
+  uint16_t* hi;
+  uint16_t* lo;
+  int32_t* exponent;
+  int32_t* fallback;
+  int64_t rows_pad, k_pad;
+};
+
+// C[b, m, n] = sum_k A[b, m, k] B[b, k, n] from the split planes of A (rows = M) and of
+// B^T (rows = N); rows flagged as fallback in either are recomputed from a/b_orig in fp64.
+struct GemmParams {
+  const uint16_t *a_hi, *a_lo, *b_hi, *b_lo;
+  const int32_t *a_exponent, *b_exponent, *a_fallback, *b_fallback;
+  int64_t m_pad, n_pad, k_pad;  // plane shapes (per batch)
+  const float* a_orig;          // original A and B for the exact fallback path
+  int64_t a_stride_b, a_stride_m, a_stride_k;
+  const float* b_orig;
+  int64_t b_stride_b, b_stride_k, b_stride_n;
+  float* c;
+  int64_t c_stride_b, c_stride_m, c_stride_n;
+  int64_t batch, m, n, k;
+};
+
+cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace gemm
+}  // namespace torch_hpc

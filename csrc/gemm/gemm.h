@@ -1,0 +1,19 @@
+// Argument checks and shapes shared by the CPU and CUDA implementations of the emulated GEMM.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace torch_hpc {
+namespace gemm {
+
+// Checks the arguments of torch_hpc::mm (dims == 2) or torch_hpc::bmm (dims == 3) and raises a
+// ValueError naming the argument on bad input.
+void check_matmul_args(const at::Tensor& a, const at::Tensor& b, int64_t dims, const char* op);
+
+// Checks the argument of torch_hpc::split (2-D float32).
+void check_split_arg(const at::Tensor& x);
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+}  // namespace gemm
+}  // namespace torch_hpc

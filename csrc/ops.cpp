@@ -1,0 +1,118 @@
+// Every torch_hpc op schema, and the composite ops (matmul, linear) built on mm/bmm.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "gemm/gemm.h"
+
+#ifdef TORCH_HPC_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+namespace torch_hpc {
+namespace {
+
+at::Tensor call_mm(const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::mm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+at::Tensor call_bmm(const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::bmm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+bool emulated_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat; }
+
+// torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.
+at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
+  if (!emulated_dtype(a) || !emulated_dtype(b)) return at::matmul(a, b);
+  TORCH_CHECK_VALUE(a.dim() >= 1 && b.dim() >= 1,
+                    "torch_hpc.matmul: both arguments must be at least 1-D, got 'a' of shape ",
+                    a.sizes(), " and 'b' of shape ", b.sizes());
+  const bool a_vec = a.dim() == 1, b_vec = b.dim() == 1;
+  const at::Tensor a2 = a_vec ? a.unsqueeze(0) : a;
+  const at::Tensor b2 = b_vec ? b.unsqueeze(1) : b;
+  TORCH_CHECK_VALUE(a2.size(-1) == b2.size(-2),
+                    "torch_hpc.matmul: inner dimensions differ: 'a' has shape ", a.sizes(),
+                    " and 'b' has shape ", b.sizes());
+  at::Tensor out;
+  if (a2.dim() == 2 && b2.dim() == 2) {
+    out = call_mm(a2, b2);
+  } else if (b2.dim() == 2) {
+    // (..., M, K) @ (K, N): fold the batch into M.
+    const int64_t k = a2.size(-1);
+    std::vector<int64_t> shape(a2.sizes().begin(), a2.sizes().end() - 1);
+    shape.push_back(b2.size(1));
+    out = call_mm(a2.reshape({-1, k}), b2).view(shape);
+  } else {
+    const auto a_batch = a2.sizes().slice(0, a2.dim() - 2);
+    const auto b_batch = b2.sizes().slice(0, b2.dim() - 2);
+    std::vector<int64_t> batch = at::infer_size(a_batch, b_batch);
+    const int64_t m = a2.size(-2), k = a2.size(-1), n = b2.size(-1);
+    std::vector<int64_t> a_shape(batch), b_shape(batch), out_shape(batch);
+    a_shape.insert(a_shape.end(), {m, k});
+    b_shape.insert(b_shape.end(), {k, n});
+    out_shape.insert(out_shape.end(), {m, n});
+    out = call_bmm(a2.expand(a_shape).reshape({-1, m, k}), b2.expand(b_shape).reshape({-1, k, n}))
+              .view(out_shape);
+  }
+  if (a_vec) out = out.squeeze(-2);
+  if (b_vec) out = out.squeeze(-1);
+  return out;
+}
+
+// F.linear semantics: input (..., K), weight (N, K), bias (N) or None.
+at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (!emulated_dtype(input) || !emulated_dtype(weight) || (has_bias && !emulated_dtype(*bias)))
+    return at::linear(input, weight, bias);
+  TORCH_CHECK_VALUE(weight.dim() == 2,
+                    "torch_hpc.linear: expected argument 'weight' to be 2-D (out_features, "
+                    "in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == weight.size(1),
+                    "torch_hpc.linear: expected argument 'input' to have last dimension ",
+                    weight.size(1), " (weight.shape[1]), got shape ", input.sizes());
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+  shape.push_back(weight.size(0));
+  at::Tensor out = call_mm(input.reshape({-1, input.size(-1)}), weight.t()).view(shape);
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->dim() <= 1 && bias->numel() == weight.size(0),
+                      "torch_hpc.linear: expected argument 'bias' of shape (", weight.size(0),
+                      ",), got shape ", bias->sizes());
+    out = out + *bias;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torch_hpc, m) {
+  m.set_python_module("torch_hpc.ops");
+  m.def("split(Tensor x) -> (Tensor hi, Tensor lo, Tensor exponent, Tensor fallback)");
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
+  m.def("bmm(Tensor a, Tensor b) -> Tensor");
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torch_hpc, CompositeImplicitAutograd, m) {
+  m.impl("matmul", &matmul_composite);
+  m.impl("linear", &linear_composite);
+}
+
+}  // namespace torch_hpc
+
+#ifdef TORCH_HPC_PYTHON_MODULE
+// Importing torch_hpc._C loads this library, which registers the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

@@ -1,0 +1,86 @@
+"""Builds torch_hpc's compiled ops against the torch already installed.
+
+    pip install --no-build-isolation -e .
+
+CUDA is built when torch has CUDA and a toolkit is found (TORCH_HPC_FORCE_CPU=1 disables it).
+TORCH_CUDA_ARCH_LIST chooses the GPU targets (default "8.0;9.0a;9.0+PTX"); MAX_JOBS is honoured.
+"""
+import glob
+import json
+import os
+import re
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a;9.0+PTX"
+
+
+def cuda_gencode_flags(arch_list):
+    """'8.0;9.0a;9.0+PTX' -> nvcc -gencode flags (sm_XY cubins, compute_XY PTX where +PTX)."""
+    flags, archs = [], []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if not match:
+            raise SystemExit(f"torch_hpc: cannot parse TORCH_CUDA_ARCH_LIST entry {entry!r}")
+        major, minor, suffix, ptx = match.groups()
+        if int(major) < 8:
+            raise SystemExit(f"torch_hpc: sm_{major}{minor} has no fp16 mma.sync path; need 8.0 or newer")
+        cc = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        archs.append(f"sm_{cc}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
+            archs.append(f"compute_{cc}")
+    return flags, archs
+
+
+def sources(*patterns):
+    return sorted(f for p in patterns for f in glob.glob(os.path.join("csrc", p)))
+
+
+with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+             and os.environ.get("TORCH_HPC_FORCE_CPU", "0") != "1")
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-DTORCH_HPC_PYTHON_MODULE"]
+ops_sources = sources("ops.cpp", "gemm/*.cpp", "gemm/cpu/*.cpp")
+archs = []
+if with_cuda:
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    gencode, archs = cuda_gencode_flags(arch_list)
+    ops = CUDAExtension(
+        "torch_hpc._C",
+        ops_sources + sources("gemm/cuda/*.cpp", "gemm/cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ops = CppExtension("torch_hpc._C", ops_sources, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=["-fopenmp"])
+
+build_info = {
+    "torch_version": torch.__version__,
+    "cuda": with_cuda,
+    "cuda_version": torch.version.cuda if with_cuda else None,
+    "cuda_archs": archs,
+    "mpi": False,
+}
+with open(os.path.join(ROOT, "torch_hpc", "_build_info.json"), "w") as f:
+    json.dump(build_info, f, indent=1)
+print("torch_hpc build configuration:")
+for key, value in build_info.items():
+    print(f"  {key:14s} {value}")
+print(f"  {'MAX_JOBS':14s} {os.environ.get('MAX_JOBS', '(ninja default)')}")
+
+setup(
+    name="torch_hpc",
+    version="0.1.0",
+    description="fp32 GEMM emulated with 3xfp16 on tensor cores, and MPI one-sided gradient exchange",
+    packages=find_packages(include=["torch_hpc", "torch_hpc.*"]),
+    package_data={"torch_hpc": ["_build_info.json"]},
+    ext_modules=[ops],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["numpy"],
+)

@@ -1,0 +1,112 @@
+"""The emulated-fp32 ops: thin wrappers over torch.ops.torch_hpc, their fake (meta)
+implementations for torch.compile, and autograd whose backward uses the same emulated product.
+
+mm and bmm are the compiled kernels; matmul (torch.matmul semantics) and linear (F.linear
+semantics) are composite ops over them. Tensors that are not float32 reaching matmul/linear go
+to the ordinary PyTorch op, and so does everything under autocast.
+"""
+import torch
+from torch import Tensor
+
+_ops = torch.ops.torch_hpc
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 2-D float32 tensors, with fp32 accuracy from three fp16 tensor-core products."""
+    return _ops.mm.default(a, b)
+
+
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched a @ b for 3-D float32 tensors (like torch.bmm)."""
+    return _ops.bmm.default(a, b)
+
+
+def _autocast_on(*tensors) -> bool:
+    return any(torch.is_autocast_enabled(t.device.type) for t in tensors if isinstance(t, Tensor))
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """torch.matmul (1-D promotion, batch broadcasting) with the emulated product."""
+    if _autocast_on(a, b):
+        return torch.matmul(a, b)
+    return _ops.matmul.default(a, b)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear (input @ weight.T + bias) with the emulated product."""
+    if _autocast_on(input, weight):
+        return torch.nn.functional.linear(input, weight, bias)
+    return _ops.linear.default(input, weight, bias)
+
+
+def split(x: Tensor):
+    """The split of each row of a 2-D float32 tensor: (hi, lo, exponent, fallback) with
+    row = 2**exponent * (hi + 2**-11 * lo); fallback rows are computed exactly instead."""
+    return _ops.split.default(x)
+
+
+def _check_matmul_args(a: Tensor, b: Tensor, dims: int, op: str) -> None:
+    # Mirrors csrc/gemm/gemm.cpp so that fake tensors raise the same errors as the kernels.
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"torch_hpc.{op}: expected argument '{name}' to have dtype "
+                             f"torch.float32, got {t.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"torch_hpc.{op}: expected arguments 'a' and 'b' on the same device, "
+                         f"got {a.device} and {b.device}")
+    for name, t in (("a", a), ("b", b)):
+        if t.dim() != dims:
+            raise ValueError(f"torch_hpc.{op}: expected argument '{name}' to be {dims}-D, got a "
+                             f"{t.dim()}-D tensor of shape {list(t.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"torch_hpc.{op}: inner dimensions differ: 'a' has shape "
+                         f"{list(a.shape)} and 'b' has shape {list(b.shape)}")
+    if dims == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"torch_hpc.{op}: batch sizes differ: 'a' has shape {list(a.shape)} "
+                         f"and 'b' has shape {list(b.shape)}")
+
+
+@torch.library.register_fake("torch_hpc::mm")
+def _mm_fake(a, b):
+    _check_matmul_args(a, b, 2, "mm")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.register_fake("torch_hpc::bmm")
+def _bmm_fake(a, b):
+    _check_matmul_args(a, b, 3, "bmm")
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
+@torch.library.register_fake("torch_hpc::split")
+def _split_fake(x):
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"torch_hpc.split: expected argument 'x' to be a 2-D torch.float32 "
+                         f"tensor, got {x.dtype} of shape {list(x.shape)}")
+    rows, k = x.shape
+    return (x.new_empty((rows, k), dtype=torch.float16), x.new_empty((rows, k), dtype=torch.float16),
+            x.new_empty((rows,), dtype=torch.int32), x.new_empty((rows,), dtype=torch.bool))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
+                          b if ctx.needs_input_grad[0] else None)
+
+
+def _mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+    grad_b = mm(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+def _bmm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+    grad_b = bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+torch.library.register_autograd("torch_hpc::mm", _mm_backward, setup_context=_setup_context)
+torch.library.register_autograd("torch_hpc::bmm", _bmm_backward, setup_context=_setup_context)
