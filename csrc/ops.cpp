@@ -29,37 +29,38 @@ at::Tensor call_bmm(const at::Tensor& a, const at::Tensor& b) {
 bool emulated_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat; }
 
 // torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.
+// Sizes are SymInts so that the composite traces under dynamic shapes.
 at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
   if (!emulated_dtype(a) || !emulated_dtype(b)) return at::matmul(a, b);
   TORCH_CHECK_VALUE(a.dim() >= 1 && b.dim() >= 1,
                     "torch_hpc.matmul: both arguments must be at least 1-D, got 'a' of shape ",
-                    a.sizes(), " and 'b' of shape ", b.sizes());
+                    a.sym_sizes(), " and 'b' of shape ", b.sym_sizes());
   const bool a_vec = a.dim() == 1, b_vec = b.dim() == 1;
   const at::Tensor a2 = a_vec ? a.unsqueeze(0) : a;
   const at::Tensor b2 = b_vec ? b.unsqueeze(1) : b;
-  TORCH_CHECK_VALUE(a2.size(-1) == b2.size(-2),
-                    "torch_hpc.matmul: inner dimensions differ: 'a' has shape ", a.sizes(),
-                    " and 'b' has shape ", b.sizes());
+  TORCH_CHECK_VALUE(a2.sym_size(-1) == b2.sym_size(-2),
+                    "torch_hpc.matmul: inner dimensions differ: 'a' has shape ", a.sym_sizes(),
+                    " and 'b' has shape ", b.sym_sizes());
+  const c10::SymInt m = a2.sym_size(-2), k = a2.sym_size(-1), n = b2.sym_size(-1);
   at::Tensor out;
   if (a2.dim() == 2 && b2.dim() == 2) {
     out = call_mm(a2, b2);
   } else if (b2.dim() == 2) {
     // (..., M, K) @ (K, N): fold the batch into M.
-    const int64_t k = a2.size(-1);
-    std::vector<int64_t> shape(a2.sizes().begin(), a2.sizes().end() - 1);
-    shape.push_back(b2.size(1));
-    out = call_mm(a2.reshape({-1, k}), b2).view(shape);
+    std::vector<c10::SymInt> shape(a2.sym_sizes().begin(), a2.sym_sizes().end() - 1);
+    shape.push_back(n);
+    out = call_mm(a2.reshape_symint({-1, k}), b2).view_symint(shape);
   } else {
-    const auto a_batch = a2.sizes().slice(0, a2.dim() - 2);
-    const auto b_batch = b2.sizes().slice(0, b2.dim() - 2);
-    std::vector<int64_t> batch = at::infer_size(a_batch, b_batch);
-    const int64_t m = a2.size(-2), k = a2.size(-1), n = b2.size(-1);
-    std::vector<int64_t> a_shape(batch), b_shape(batch), out_shape(batch);
+    const auto a_batch = a2.sym_sizes().slice(0, a2.dim() - 2);
+    const auto b_batch = b2.sym_sizes().slice(0, b2.dim() - 2);
+    const std::vector<c10::SymInt> batch = at::infer_size_symint(a_batch, b_batch);
+    std::vector<c10::SymInt> a_shape(batch), b_shape(batch), out_shape(batch);
     a_shape.insert(a_shape.end(), {m, k});
     b_shape.insert(b_shape.end(), {k, n});
     out_shape.insert(out_shape.end(), {m, n});
-    out = call_bmm(a2.expand(a_shape).reshape({-1, m, k}), b2.expand(b_shape).reshape({-1, k, n}))
-              .view(out_shape);
+    out = call_bmm(a2.expand_symint(a_shape).reshape_symint({-1, m, k}),
+                   b2.expand_symint(b_shape).reshape_symint({-1, k, n}))
+              .view_symint(out_shape);
   }
   if (a_vec) out = out.squeeze(-2);
   if (b_vec) out = out.squeeze(-1);
@@ -75,20 +76,19 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK_VALUE(weight.dim() == 2,
                     "torch_hpc.linear: expected argument 'weight' to be 2-D (out_features, "
                     "in_features), got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == weight.size(1),
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.sym_size(-1) == weight.sym_size(1),
                     "torch_hpc.linear: expected argument 'input' to have last dimension ",
-                    weight.size(1), " (weight.shape[1]), got shape ", input.sizes());
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
-  shape.push_back(weight.size(0));
-  at::Tensor out = call_mm(input.reshape({-1, input.size(-1)}), weight.t()).view(shape);
+                    weight.sym_size(1), " (weight.shape[1]), got shape ", input.sym_sizes());
   if (has_bias) {
-    TORCH_CHECK_VALUE(bias->dim() <= 1 && bias->numel() == weight.size(0),
-                      "torch_hpc.linear: expected argument 'bias' of shape (", weight.size(0),
-                      ",), got shape ", bias->sizes());
-    out = out + *bias;
+    TORCH_CHECK_VALUE(bias->dim() <= 1 && bias->sym_numel() == weight.sym_size(0),
+                      "torch_hpc.linear: expected argument 'bias' of shape (", weight.sym_size(0),
+                      ",), got shape ", bias->sym_sizes());
   }
-  return out;
+  std::vector<c10::SymInt> shape(input.sym_sizes().begin(), input.sym_sizes().end() - 1);
+  shape.push_back(weight.sym_size(0));
+  at::Tensor out = call_mm(input.reshape_symint({-1, input.sym_size(-1)}), weight.t()).view_symint(shape);
+  return has_bias ? out + *bias : out;
 }
 
 }  // namespace

@@ -1,0 +1,304 @@
+"""Accuracy and semantics of torch_hpc.mm / bmm / matmul / linear against fp64 references."""
+import math
+
+import pytest
+import torch
+
+import torch_hpc
+from helpers import (DEVICES, contract_constant, elementwise_bound_ratio, fp32_reference_product,
+                     generator, ref64, rel_error, requires_cuda)
+
+SHAPES = [(1, 1, 1), (1, 7, 1), (3, 5, 2), (17, 33, 65), (64, 64, 64), (128, 257, 96),
+          (129, 31, 130), (300, 1000, 200), (33, 4099, 7), (1024, 1024, 1024)]
+
+
+def poison_allocator(device, nbytes):
+    """Fills the caching allocator's free blocks with NaN so an unwritten output shows."""
+    if device == "cuda":
+        torch.full((nbytes // 4 + 1024,), float("nan"), device=device)
+        torch.cuda.synchronize()
+
+
+def _check_product(c, a, b, seed, label=""):
+    ref = ref64(a, b)
+    k = a.shape[-1]
+    assert c.shape == ref.shape and c.dtype == torch.float32
+    assert torch.isfinite(c).all(), f"{label} non-finite output (seed {seed})"
+    ratio = elementwise_bound_ratio(c, a, b, ref)
+    assert ratio <= contract_constant(k), (
+        f"{label} |C-C64| <= c|A||B| violated: c={ratio:.3g} > {contract_constant(k):.3g} "
+        f"(K={k}, seed {seed})")
+    return ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_mm_accuracy_vs_fp64_and_fp32(device, m, k, n):
+    seed = hash((m, k, n)) % 10_000
+    gen = generator(device, seed)
+    a = torch.randn(m, k, device=device, generator=gen)
+    b = torch.randn(k, n, device=device, generator=gen)
+    poison_allocator(device, 4 * m * n)
+    c = torch_hpc.mm(a, b)
+    ref = _check_product(c, a, b, seed)
+    if k >= 64:
+        err, err32 = rel_error(c, ref), rel_error(fp32_reference_product(a, b), ref)
+        assert err <= err32, f"emulated error {err:.3g} > fp32 {err32:.3g} (K={k}, seed {seed})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_sliced_and_expanded_inputs(device):
+    gen = generator(device, 1)
+    a_t = torch.randn(70, 50, device=device, generator=gen).t()          # (50, 70), stride (1, 50)
+    b_s = torch.randn(140, 90, device=device, generator=gen)[::2, 1::3]  # (70, 30), strided
+    assert not a_t.is_contiguous() and not b_s.is_contiguous()
+    _check_product(torch_hpc.mm(a_t, b_s), a_t, b_s, 1, "strided")
+    col = torch.randn(70, 1, device=device, generator=gen).expand(70, 40)  # stride 0
+    _check_product(torch_hpc.mm(a_t, col), a_t, col, 1, "expanded")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_a,shape_b", [
+    ((4, 33, 65), (4, 65, 17)),   # bmm
+    ((2, 3, 9, 70), (70, 5)),     # folded into M
+    ((9, 70), (5, 70, 6)),        # broadcast a
+    ((2, 1, 9, 70), (3, 70, 6)),  # broadcast both
+    ((70,), (70, 6)), ((9, 70), (70,)), ((70,), (70,)), ((3, 9, 70), (70,)),
+])
+def test_matmul_semantics(device, shape_a, shape_b):
+    gen = generator(device, 2)
+    a = torch.randn(*shape_a, device=device, generator=gen)
+    b = torch.randn(*shape_b, device=device, generator=gen)
+    c = torch_hpc.matmul(a, b)
+    ref = torch.matmul(a.double(), b.double())
+    assert c.shape == ref.shape
+    assert rel_error(c, ref) < 1e-6
+    if len(shape_a) == 3 and len(shape_b) == 3:
+        torch.testing.assert_close(torch_hpc.bmm(a, b), c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_dimensions(device):
+    z = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    assert torch_hpc.mm(z(0, 5), z(5, 3)).shape == (0, 3)
+    assert torch_hpc.mm(z(4, 5), z(5, 0)).shape == (4, 0)
+    poison_allocator(device, 4 * 12)
+    c = torch_hpc.mm(z(4, 0), z(0, 3))
+    assert c.shape == (4, 3) and (c == 0).all()
+    assert torch_hpc.bmm(z(0, 4, 5), z(0, 5, 3)).shape == (0, 4, 3)
+    assert (torch_hpc.bmm(z(2, 4, 0), z(2, 0, 3)) == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["rows_of_a", "cols_of_b"])
+def test_extreme_row_and_column_scales(device, side):
+    """Rows of A / columns of B scaled by 2^-120 ... 2^120 are as accurate as rows near 1."""
+    seed = 3
+    gen = generator(device, seed)
+    m, k, n = 96, 256, 80
+    a = torch.randn(m, k, device=device, generator=gen)
+    b = torch.randn(k, n, device=device, generator=gen)
+    if side == "rows_of_a":
+        e = torch.randint(-120, 121, (m, 1), device=device, generator=gen)
+        a = torch.ldexp(a, e)
+    else:
+        e = torch.randint(-120, 121, (1, n), device=device, generator=gen)
+        b = torch.ldexp(b, e)
+    c = torch_hpc.mm(a, b)
+    ref = _check_product(c, a, b, seed, side)
+    # Row by row the relative error stays at the unscaled level.
+    dim = 1 if side == "rows_of_a" else 0
+    per_line = (c.double() - ref).norm(dim=dim) / ref.norm(dim=dim)
+    assert per_line.max().item() < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_too_wide_rows_take_the_exact_path(device):
+    a = torch.tensor([[1e30, 1e-30], [1.0, 2.0]], device=device)
+    b = torch.tensor([[0.0], [1.0]], device=device)
+    c = torch_hpc.mm(a, b)
+    assert c[0, 0].item() == pytest.approx(1e-30, rel=1e-7)
+    assert c[1, 0].item() == 2.0
+    assert torch_hpc.split(a)[3].tolist() == [True, False]
+
+    seed = 4
+    gen = generator(device, seed)
+    a = torch.randn(64, 200, device=device, generator=gen)
+    b = torch.randn(200, 48, device=device, generator=gen)
+    a[5, 7] *= 2.0**40    # row 5 spans > 28 binades
+    b[3, 11] *= 2.0**-40  # column 11 too
+    assert torch_hpc.split(a)[3].nonzero().flatten().tolist() == [5]
+    assert torch_hpc.split(b.t())[3].nonzero().flatten().tolist() == [11]
+    _check_product(torch_hpc.mm(a, b), a, b, seed, "wide rows")
+
+
+def _ieee_reference(a, b):
+    """Elementwise IEEE fp64 products and sums (no BLAS shortcuts), rounded to fp32."""
+    return (a.double().unsqueeze(2) * b.double().unsqueeze(0)).sum(1).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inf_nan_patterns_follow_fp64(device):
+    seed = 5
+    gen = generator(device, seed)
+    m, k, n = 40, 70, 36
+    a = torch.randn(m, k, device=device, generator=gen)
+    b = torch.randn(k, n, device=device, generator=gen)
+    a[1, 3] = float("inf")
+    a[2, 4] = float("-inf")
+    a[3, 5] = float("nan")
+    b[3, 7] = 0.0                               # inf * 0 -> NaN in column 7
+    b[:, 8] = 0.0
+    b[6, 9] = float("inf")
+    a[10, :] = 1e30                             # finite, overflows fp32 after the sum
+    b[:, 10] = 1e30
+    a[11, :] = 1e30
+    a[11, 1::2] = -1e30
+    b[:, 12] = 1e10                             # row 11 x col 12 cancels to 0 though |A||B| overflows
+    c = torch_hpc.mm(a, b)
+    ref = _ieee_reference(a, b)
+    assert torch.equal(c.isnan(), ref.isnan()), f"NaN pattern differs (seed {seed})"
+    assert torch.equal(c.isposinf(), ref.isposinf()), f"+inf pattern differs (seed {seed})"
+    assert torch.equal(c.isneginf(), ref.isneginf()), f"-inf pattern differs (seed {seed})"
+    assert c[10, 10].item() == float("inf") and c[11, 12].item() == 0.0
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(c[finite], ref[finite], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_reconstructs_rows(device):
+    gen = generator(device, 6)
+    x = torch.randn(50, 300, device=device, generator=gen)
+    x = torch.ldexp(x, torch.randint(-100, 100, (50, 1), device=device, generator=gen))
+    hi, lo, e, fb = torch_hpc.split(x)
+    assert hi.dtype == lo.dtype == torch.float16 and not fb.any()
+    scaled = torch.ldexp(x, -e[:, None])
+    torch.testing.assert_close(hi, scaled.half(), rtol=0, atol=0)  # round-to-nearest-even
+    assert (hi.abs().amax(1).float() >= 2**14).all() and (hi.abs().amax(1).float() <= 2**15).all()
+    back = torch.ldexp(hi.double() + lo.double() / 2048, e[:, None])
+    assert ((back - x.double()).abs() <= 2.0**-22 * x.double().abs()).all()
+
+
+def test_split_rounding_matches_torch_half_on_ties_and_subnormals():
+    """The portable fp32->fp16 rounding equals torch's (IEEE RNE): ties, and lo in fp16's
+    subnormal range (values near the bottom of a row's window)."""
+    ties = [1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1024.0 + 0.5, 1024.0 + 1.5, -(1.0 + 2.0**-11)]
+    near_bottom = [2.0**-14 * (1.0 + j * 2.0**-23) for j in range(0, 4096, 3)]
+    spread = torch.rand(2000, generator=generator("cpu", 12)) * 2.0**15
+    x = torch.cat([torch.tensor([2.0**14] + ties + near_bottom), spread]).reshape(1, -1)
+    hi, lo, e, fb = torch_hpc.split(x)
+    assert e.item() == 0 and not fb.item()  # row max 2^14: values are split unscaled
+    torch.testing.assert_close(hi, x.half(), rtol=0, atol=0)
+    torch.testing.assert_close(lo, ((x - hi.float()) * 2048).half(), rtol=0, atol=0)
+    assert (lo[0, 6:6 + len(near_bottom)].float().abs() < 2.0**-14).any()  # subnormals exercised
+
+
+@requires_cuda
+def test_cpu_and_cuda_split_are_bit_identical():
+    x = torch.randn(257, 1000, generator=generator("cpu", 7))
+    x = torch.ldexp(x, torch.randint(-60, 60, (257, 1)))
+    x[3, 3] = float("inf")
+    x[4, 4] *= 2.0**50
+    cpu = torch_hpc.split(x)
+    gpu = torch_hpc.split(x.cuda())
+    for name, u, v in zip(("hi", "lo", "exponent", "fallback"), cpu, gpu):
+        assert torch.equal(u.view(torch.int16) if u.is_floating_point() else u,
+                           (v.view(torch.int16) if v.is_floating_point() else v).cpu()), name
+
+
+@requires_cuda
+def test_cuda_is_deterministic_and_graph_capturable():
+    gen = generator("cuda", 8)
+    a = torch.randn(700, 900, device="cuda", generator=gen)
+    b = torch.randn(900, 500, device="cuda", generator=gen)
+    first = torch_hpc.mm(a, b)
+    assert torch.equal(first, torch_hpc.mm(a, b))
+    torch_hpc.mm(a, b)  # warm-up on the side stream below is not needed: no host sync inside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch_hpc.mm(a, b)
+    a.copy_(torch.randn(700, 900, device="cuda", generator=gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch_hpc.mm(a, b))
+    assert not torch.equal(captured, first)
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_cuda_large_square_beats_sgemm(n):
+    gen = generator("cuda", n)
+    a = torch.randn(n, n, device="cuda", generator=gen)
+    b = torch.randn(n, n, device="cuda", generator=gen)
+    ref = ref64(a, b)
+    err = rel_error(torch_hpc.mm(a, b), ref)
+    err32 = rel_error(fp32_reference_product(a, b), ref)
+    assert err <= err32, f"n={n}: emulated {err:.3g} vs SGEMM {err32:.3g}"
+
+
+@requires_cuda
+def test_cuda_int64_indexing():
+    """A has more than 2^31 elements: offsets must not wrap."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip("needs 40 GiB of free GPU memory")
+    m, k, n = 2**16 + 3, 2**15 + 8, 40
+    a = torch.empty(m, k, device="cuda").normal_(generator=generator("cuda", 9))
+    b = torch.randn(k, n, device="cuda", generator=generator("cuda", 10))
+    c = torch_hpc.mm(a, b)
+    rows = torch.tensor([0, m // 2, m - 1], device="cuda")
+    ref = ref64(a[rows], b)
+    assert rel_error(c[rows], ref) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_clear_errors(device):
+    f = torch.randn(4, 5, device=device)
+    g = torch.randn(5, 3, device=device)
+    with pytest.raises(ValueError, match="argument 'a' to have dtype torch.float32"):
+        torch_hpc.mm(f.double(), g)
+    with pytest.raises(ValueError, match="argument 'b' to have dtype torch.float32"):
+        torch_hpc.mm(f, g.to(torch.int32))
+    with pytest.raises(ValueError, match="argument 'a' to be 2-D"):
+        torch_hpc.mm(f[0], g)
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        torch_hpc.mm(f, g.t())
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        torch_hpc.bmm(f.expand(2, 4, 5), g.expand(3, 5, 3))
+    with pytest.raises(ValueError, match="argument 'weight' to be 2-D"):
+        torch_hpc.linear(f, g.flatten())
+    with pytest.raises(ValueError, match="argument 'input' to have last dimension"):
+        torch_hpc.linear(f, torch.randn(3, 6, device=device))
+    with pytest.raises(ValueError, match="argument 'bias'"):
+        torch_hpc.linear(f, torch.randn(3, 5, device=device), torch.randn(4, device=device))
+    if device == "cuda":
+        with pytest.raises(ValueError, match="same device"):
+            torch_hpc.mm(f, g.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes_pass_through_linear_and_matmul(device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 matmul on CPU is slow and not what this checks")
+    x = torch.randn(6, 8, device=device, dtype=dtype)
+    w = torch.randn(3, 8, device=device, dtype=dtype)
+    torch.testing.assert_close(torch_hpc.linear(x, w), torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(torch_hpc.matmul(x, w.t()), torch.matmul(x, w.t()))
+
+
+def test_autocast_goes_to_the_ordinary_op():
+    x, w = torch.randn(6, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch_hpc.linear(x, w).dtype == torch.bfloat16
+
+
+def test_accuracy_does_not_depend_on_magnitude_cpu():
+    """Same inputs at 2^-100 and 2^100 give the same result up to the exact power of two."""
+    gen = generator("cpu", 11)
+    a, b = torch.randn(40, 300, generator=gen), torch.randn(300, 30, generator=gen)
+    base = torch_hpc.mm(a, b)
+    for s in (-100, 100):
+        scaled = torch_hpc.mm(torch.ldexp(a, torch.tensor(s)), b)
+        assert torch.equal(torch.ldexp(scaled, torch.tensor(-s)), base)
+    assert math.isfinite(base.sum().item())
