@@ -1,0 +1,246 @@
+"""GEMM speed and accuracy: torch_hpc.mm against the fp32 baselines, measured in the same run.
+
+    python benchmarks/gemm.py                      # square sizes 256..8192 on the GPU (CPU: 256..1024)
+    python benchmarks/gemm.py --sizes 4096 8192 --shapes 64x8192x8192 8192x8192x256
+
+TFLOP/s counts 2*M*N*K fp32-equivalent flops; each time is the median of --reps timed runs
+after warm-up, with inputs rotated so the L2 cache does not flatter small sizes. Error is
+||C - C64||_F / ||C64||_F on fresh N(0,1) inputs. Writes a table, JSON and a PNG plot.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import torch_hpc
+
+METHODS = ["fp32", "tf32", "fp16_1pass", "naive_3xfp16", "torch_hpc", "jax_bf16_x3", "jax_bf16_x6"]
+LABELS = {
+    "fp32": "torch fp32 (TF32 off)", "tf32": "torch TF32", "fp16_1pass": "fp16 1-pass",
+    "naive_3xfp16": "naive 3xfp16 (3 torch.mm)", "torch_hpc": "torch_hpc.mm",
+    "jax_bf16_x3": "JAX BF16_BF16_F32_X3", "jax_bf16_x6": "JAX BF16_BF16_F32_X6",
+}
+
+
+def naive_3xfp16(a, b):
+    """Split in PyTorch (no scaling) and three fp16 GEMMs with fp32 output."""
+    a_hi = a.half()
+    a_lo = ((a - a_hi.float()) * 2048).half()
+    b_hi = b.half()
+    b_lo = ((b - b_hi.float()) * 2048).half()
+    mm = lambda x, y: torch.mm(x, y, out_dtype=torch.float32)  # noqa: E731
+    return mm(a_hi, b_hi) + (mm(a_hi, b_lo) + mm(a_lo, b_hi)) / 2048
+
+
+def torch_method(name, device):
+    if name == "fp32":
+        return lambda a, b: torch.mm(a, b), None
+    if name == "tf32":
+        return lambda a, b: torch.mm(a, b), "tf32"
+    if name == "fp16_1pass":  # operands converted ahead of time: the GEMM alone is timed
+        return lambda a, b: torch.mm(a, b, out_dtype=torch.float32), "fp16_inputs"
+    if name == "naive_3xfp16":  # fp16 GEMMs with fp32 output exist on CUDA only
+        return naive_3xfp16, "gpu_only"
+    if name == "torch_hpc":
+        return torch_hpc.mm, None
+    raise KeyError(name)
+
+
+def jax_methods():
+    try:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        import jax
+        import jax.numpy as jnp
+    except Exception:  # jax missing or broken: its columns stay empty
+        return {}
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        return {}
+    out = {}
+    for name, preset in (("jax_bf16_x3", "BF16_BF16_F32_X3"), ("jax_bf16_x6", "BF16_BF16_F32_X6")):
+        algo = getattr(jax.lax.DotAlgorithmPreset, preset)
+        fn = jax.jit(lambda a, b, algo=algo: jnp.dot(a, b, precision=algo,
+                                                      preferred_element_type=jnp.float32))
+        out[name] = fn
+    return out
+
+
+def time_torch(fn, inputs, device, reps, warmup):
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn(*inputs[i % len(inputs)])
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_jax(fn, inputs, reps, warmup):
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)]).block_until_ready()
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(*inputs[i % len(inputs)]).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rel_error(c, ref):
+    return ((c.double() - ref).norm() / ref.norm()).item()
+
+
+def input_sets(m, n, k, device, l2_bytes, seed):
+    per_set = 4 * (m * k + k * n)
+    count = max(2, min(8, math.ceil(3 * l2_bytes / per_set)))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [(torch.randn(m, k, device=device, generator=gen), torch.randn(k, n, device=device, generator=gen))
+            for _ in range(count)]
+
+
+def bench_shape(m, n, k, device, methods, jax_fns, reps, warmup, l2_bytes, seed):
+    sets = input_sets(m, n, k, device, l2_bytes, seed)
+    a0, b0 = sets[0]
+    ref = torch.mm(a0.double(), b0.double())
+    flops = 2.0 * m * n * k
+    row = {"m": m, "n": n, "k": k}
+    for name in methods:
+        if name.startswith("jax"):
+            if name not in jax_fns:
+                continue
+            import jax.numpy as jnp
+            jsets = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in sets]
+            c = torch.from_numpy(__import__("numpy").asarray(jax_fns[name](*jsets[0]))).to(device)
+            seconds = time_jax(jax_fns[name], jsets, reps, warmup)
+            del jsets
+        else:
+            fn, mode = torch_method(name, device)
+            if device != "cuda" and mode is not None:
+                continue  # TF32 / fp16 tensor-core methods are GPU-only
+            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+            run_sets = [(a.half(), b.half()) for a, b in sets] if mode == "fp16_inputs" else sets
+            c = fn(*run_sets[0])
+            seconds = time_torch(fn, run_sets, device, reps, warmup)
+            torch.backends.cuda.matmul.allow_tf32 = False
+        row[name] = {"tflops": flops / seconds / 1e12, "seconds": seconds,
+                     "error": rel_error(c.float(), ref)}
+        del c
+    return row
+
+
+def print_table(rows, methods, out=sys.stdout):
+    present = [m for m in methods if any(m in r for r in rows)]
+    head = f"{'M x N x K':>20} | " + " | ".join(f"{LABELS[m]:>26}" for m in present)
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        cells = []
+        for m in present:
+            v = r.get(m)
+            cells.append(f"{v['tflops']:8.3g} TF/s  err {v['error']:.1e}" if v else f"{'-':>26}")
+        print(f"{r['m']:>6}x{r['n']:>6}x{r['k']:>6} | " + " | ".join(f"{c:>26}" for c in cells), file=out)
+    if all("fp32" in r and "torch_hpc" in r for r in rows):
+        print("\ntorch_hpc vs fp32:  " + ",  ".join(
+            f"{r['m']}x{r['n']}x{r['k']}: {r['torch_hpc']['tflops'] / r['fp32']['tflops']:.2f}x speed, "
+            f"{r['torch_hpc']['error'] / r['fp32']['error']:.2f}x error" for r in rows), file=out)
+
+
+def plot(rows, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    square = [r for r in rows if r["m"] == r["n"] == r["k"]]
+    if not square:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in methods:
+        pts = [(r["n"], r[m]) for r in square if m in r]
+        if not pts:
+            continue
+        ax1.plot([p[0] for p in pts], [p[1]["tflops"] for p in pts], "o-", label=LABELS[m])
+        ax2.plot([p[0] for p in pts], [p[1]["error"] for p in pts], "o-", label=LABELS[m])
+    for ax, ylabel in ((ax1, "TFLOP/s (fp32-equivalent)"), (ax2, "||C - C64|| / ||C64||")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n (square n x n x n)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_shape(text):
+    m, n, k = (int(v) for v in text.lower().split("x"))
+    return m, n, k
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available() and torch_hpc.build_info()["cuda_kernels"]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", type=int, nargs="*", help="square sizes n (M = N = K = n)")
+    p.add_argument("--shapes", nargs="*", default=[], help="extra MxNxK shapes")
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--reps", type=int, default=None, help="timed runs per method (GPU default 30)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                   help="folder for the JSON and PNG")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    args = p.parse_args(argv)
+
+    device = args.device
+    if args.sizes is None:
+        args.sizes = [256, 512, 1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024]
+    reps = args.reps or (30 if device == "cuda" else 5)
+    shapes = [(n, n, n) for n in args.sizes] + [parse_shape(s) for s in args.shapes]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card, l2 = props.name, props.L2_cache_size
+    else:
+        card, l2 = platform.processor() or platform.machine(), 32 * 2**20
+    jax_fns = jax_methods() if device == "cuda" and any(m.startswith("jax") for m in args.methods) else {}
+    print(f"# GEMM benchmark on {card} ({device}), torch {torch.__version__}, "
+          f"{datetime.date.today()}, {reps} timed runs per point", flush=True)
+
+    rows = []
+    for i, (m, n, k) in enumerate(shapes):
+        print(f"[{i + 1}/{len(shapes)}] {m}x{n}x{k} ...", file=sys.stderr, flush=True)
+        rows.append(bench_shape(m, n, k, device, args.methods, jax_fns, reps, args.warmup, l2, args.seed + i))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, args.methods)
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"gemm-{device}{'-' + args.tag if args.tag else ''}")
+    meta = {"card": card, "device": device, "torch": torch.__version__, "date": str(datetime.date.today()),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "reps": reps,
+            "build": torch_hpc.build_info()}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    plot(rows, args.methods, stem + ".png", f"GEMM on {card}, {meta['date']}")
+    print(f"\nwrote {stem}.json and {stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
