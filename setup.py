@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 
 import torch
 from setuptools import find_packages, setup
@@ -59,6 +60,21 @@ else:
     ops = CppExtension("torch_hpc._C", ops_sources, extra_compile_args={"cxx": cxx_flags},
                        extra_link_args=["-fopenmp"])
 
+def warn_if_static_libstdcxx():
+    """A compiler without a shared libstdc++ links a private copy into the extension, whose
+    iostreams then crash inside torch's error messages: say so at build time."""
+    cxx = os.environ.get("CXX", "g++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return
+    if found == "libstdc++.so":
+        print(f"torch_hpc: WARNING: {cxx} has no shared libstdc++; build with CXX=/usr/bin/g++ "
+              "(a static libstdc++ crashes when torch formats error messages)")
+
+
+warn_if_static_libstdcxx()
 build_info = {
     "torch_version": torch.__version__,
     "cuda": with_cuda,

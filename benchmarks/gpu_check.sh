@@ -5,6 +5,12 @@ set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# A compiler that has only a static libstdc++ (the GPU image's /opt/gcc) gives the extension a
+# private copy whose iostreams crash when formatting numbers: use the system g++ when so.
+if [ "$(${CXX:-g++} -print-file-name=libstdc++.so)" = "libstdc++.so" ] && [ -x /usr/bin/g++ ]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
+rm -rf build torch_hpc/_C*.so
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
@@ -21,4 +27,4 @@ for m, k, n in [(1, 1, 1), (130, 33, 129), (257, 1000, 64)]:
     torch_hpc.mm(a, b); torch_hpc.mm(a.t().contiguous().t(), b); torch_hpc.bmm(a.expand(2, m, k), b.expand(2, k, n))
 torch.cuda.synchronize(); print('memcheck shapes done')
 " > "$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
-$PY benchmarks/gemm.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^\['
+PYTHONPATH=$PWD $PY benchmarks/gemm.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^\['
