@@ -1,0 +1,44 @@
+"""Runs worker scripts under real launchers (mpiexec, torchrun) and collects their reports."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKERS = Path(__file__).resolve().parent / "distributed"
+BIN = Path(sys.executable).parent
+
+
+def mpiexec_command(n: int) -> list[str]:
+    exe = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("no mpiexec")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    cmd = [exe, "-n", str(n)]
+    if "Open MPI" in version or "OpenRTE" in version:  # MPICH's mpiexec rejects these flags
+        cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return cmd
+
+
+def torchrun_command(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
+
+def run_workers(launcher: str, n: int, script: str, *args, timeout=120, env=None):
+    """Returns (completed process, list of the JSON reports that ranks printed as 'RESULT ...')."""
+    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(base + [str(WORKERS / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+    return proc, parse_reports(proc.stdout)
+
+
+def parse_reports(stdout: str) -> list[dict]:
+    """Every 'RESULT {json}' in the output; ranks' lines may run together."""
+    decoder, reports = json.JSONDecoder(), []
+    for chunk in stdout.split("RESULT ")[1:]:
+        reports.append(decoder.raw_decode(chunk)[0])
+    return reports

@@ -1,0 +1,43 @@
+"""torch_hpc.distributed: launcher detection and one MPI world under mpiexec and torchrun."""
+import pytest
+
+from launchers import run_workers
+from torch_hpc.distributed import detect_launcher
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, ("singleton", 0, 1, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+      "TORCHELASTIC_RUN_ID": "x"}, ("torchrun", 3, 4, 1)),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "PMIX_RANK": "2"}, ("openmpi", 2, 5, 0)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+     ("mpich", 1, 2, 1)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+      "SLURM_NTASKS_PER_NODE": "4(x2)"}, ("slurm", 5, 8, 1)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, ("singleton", 0, 1, 0)),  # allocation, no task
+    ({"RANK": "1", "WORLD_SIZE": "2"}, ("env", 1, 2, 1)),
+])
+def test_detect_launcher(env, expected):
+    info = detect_launcher(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == expected
+
+
+def test_detect_launcher_rejects_bad_values():
+    with pytest.raises(RuntimeError, match="outside world size"):
+        detect_launcher({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(RuntimeError, match="not an integer"):
+        detect_launcher({"PMI_RANK": "x", "PMI_SIZE": "2"})
+
+
+@pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2), ("torchrun", 4)])
+def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
+    proc, reports = run_workers(launcher, n, "mpi_world_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stdout + proc.stderr[-2000:]
+    for r in reports:
+        assert r["size"] == n and r["rank"] == r["launch_rank"]
+        assert r["thread_multiple"] and r["ranks"] == list(range(n))
+        assert r["sum"] == n * (n + 1) // 2
+        assert r["shared_memory_peers"] == n  # one node: every rank shares memory
+        assert r["launcher"] == ("torchrun" if launcher == "torchrun" else r["launcher"])

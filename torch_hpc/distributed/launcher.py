@@ -1,0 +1,58 @@
+"""Which launcher started this process, and the rank layout it gives."""
+import dataclasses
+import os
+
+# (launcher, rank, size, local rank, local size) variables, most specific first.
+_LAUNCHERS = [
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE", None),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
+    ("pmix", "PMIX_RANK", None, None, None, None),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", None),
+    ("env", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", None),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str  # torchrun | openmpi | mpich | pmix | slurm | env | singleton
+
+    @property
+    def is_mpi_launch(self) -> bool:
+        """Started by an MPI launcher: MPI_Init gives the full world by itself."""
+        return self.launcher in ("openmpi", "mpich", "pmix")
+
+
+def _int(env, name, default):
+    value = env.get(name) if name else None
+    if value is None or value == "":
+        return default
+    try:
+        return int(value.split("(")[0].split(",")[0])
+    except ValueError as e:
+        raise RuntimeError(f"torch_hpc: launcher variable {name}={value!r} is not an integer") from e
+
+
+def detect_launcher(env=None) -> LaunchInfo:
+    """Reads the launcher's variables (torchrun, Open MPI's mpirun, MPICH/Hydra, PMIx, Slurm,
+    plain RANK/WORLD_SIZE); a process started by none of them is a singleton."""
+    env = os.environ if env is None else env
+    for name, rank_var, size_var, lrank_var, lsize_var, marker in _LAUNCHERS:
+        if rank_var not in env or (marker and marker not in env):
+            continue
+        if name == "slurm" and "PMI_RANK" not in env and "OMPI_COMM_WORLD_RANK" not in env \
+                and "SLURM_STEP_ID" not in env:
+            continue  # an allocation, not a task of srun
+        size = _int(env, size_var, 1)
+        if name == "pmix" and size_var is None:
+            size = _int(env, "OMPI_COMM_WORLD_SIZE", _int(env, "PMIX_SIZE", 1))
+        rank = _int(env, rank_var, 0)
+        if not 0 <= rank < size:
+            raise RuntimeError(f"torch_hpc: {name} gave rank {rank} outside world size {size}")
+        return LaunchInfo(rank, size, _int(env, lrank_var, rank), _int(env, lsize_var, size), name)
+    return LaunchInfo(0, 1, 0, 1, "singleton")
