@@ -1,15 +1,21 @@
-"""Builds torch_hpc's compiled ops against the torch already installed.
+"""Builds torch_hpc's compiled modules against the torch already installed.
 
     pip install --no-build-isolation -e .
 
-CUDA is built when torch has CUDA and a toolkit is found (TORCH_HPC_FORCE_CPU=1 disables it).
-TORCH_CUDA_ARCH_LIST chooses the GPU targets (default "8.0;9.0a;9.0+PTX"); MAX_JOBS is honoured.
+torch_hpc._C (the GEMM ops, no MPI): CUDA is built when torch has CUDA and a toolkit is found
+(TORCH_HPC_FORCE_CPU=1 disables it); TORCH_CUDA_ARCH_LIST chooses the GPU targets (default
+"8.0;9.0a;9.0+PTX"). torch_hpc._comm (the hpc_mpi backend): built against the first `mpicxx` on
+PATH (or $MPICXX), skipped with a message when there is none (or TORCH_HPC_NO_MPI=1).
+MAX_JOBS is honoured.
 """
 import glob
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -36,6 +42,33 @@ def cuda_gencode_flags(arch_list):
             flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
             archs.append(f"compute_{cc}")
     return flags, archs
+
+
+def mpi_flags():
+    """Compile/link flags from `mpicxx -show` (Open MPI and MPICH wrappers both answer it)."""
+    if os.environ.get("TORCH_HPC_NO_MPI", "0") == "1":
+        return None, "disabled by TORCH_HPC_NO_MPI=1"
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    mpicxx = os.environ.get("MPICXX") or shutil.which("mpicxx", path=search)
+    if not mpicxx:
+        return None, "no mpicxx found on PATH: the hpc_mpi backend is not built"
+    show = subprocess.run([mpicxx, "-show"], capture_output=True, text=True)
+    if show.returncode != 0:
+        return None, f"`{mpicxx} -show` failed: the hpc_mpi backend is not built"
+    include, library, libs, compile_args, link_args = [], [], [], [], []
+    for token in shlex.split(show.stdout)[1:]:
+        if token.startswith("-I"):
+            include.append(token[2:])
+        elif token.startswith("-L"):
+            library.append(token[2:])
+            link_args.append(f"-Wl,-rpath,{token[2:]}")
+        elif token.startswith("-l"):
+            libs.append(token[2:])
+        elif token.startswith("-Wl,") or token == "-pthread":
+            link_args.append(token)
+            compile_args += ["-pthread"] if token == "-pthread" else []
+    return dict(include_dirs=include, library_dirs=library, libraries=libs,
+                extra_compile_args=compile_args, extra_link_args=link_args), mpicxx
 
 
 def sources(*patterns):
@@ -75,12 +108,24 @@ def warn_if_static_libstdcxx():
 
 
 warn_if_static_libstdcxx()
+mpi, mpi_note = mpi_flags()
+ext_modules = [ops]
+if mpi:
+    ext_modules.append(CppExtension(
+        "torch_hpc._comm", sources("comm/*.cpp"), include_dirs=mpi["include_dirs"],
+        library_dirs=mpi["library_dirs"], libraries=mpi["libraries"],
+        extra_compile_args={"cxx": ["-O2", "-g0"] + mpi["extra_compile_args"]},
+        extra_link_args=mpi["extra_link_args"]))
+else:
+    print(f"torch_hpc: {mpi_note}")
+
 build_info = {
     "torch_version": torch.__version__,
     "cuda": with_cuda,
     "cuda_version": torch.version.cuda if with_cuda else None,
     "cuda_archs": archs,
-    "mpi": False,
+    "mpi": bool(mpi),
+    "mpicxx": mpi_note if mpi else None,
 }
 with open(os.path.join(ROOT, "torch_hpc", "_build_info.json"), "w") as f:
     json.dump(build_info, f, indent=1)
@@ -95,7 +140,7 @@ setup(
     description="fp32 GEMM emulated with 3xfp16 on tensor cores, and MPI one-sided gradient exchange",
     packages=find_packages(include=["torch_hpc", "torch_hpc.*"]),
     package_data={"torch_hpc": ["_build_info.json"]},
-    ext_modules=[ops],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["numpy"],

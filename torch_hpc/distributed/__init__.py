@@ -1,5 +1,10 @@
-"""torch_hpc.distributed: launcher detection and MPI initialisation (no MPI call at import)."""
+"""torch_hpc.distributed: the hpc_mpi backend, launcher detection and MPI initialisation.
+Importing it registers the backend name; no MPI call happens until a process group is made."""
+from .backend import BACKEND, init, register
 from .launcher import LaunchInfo, detect_launcher
 from .mpi import MPIInitError, init_mpi, self_test
 
-__all__ = ["LaunchInfo", "detect_launcher", "init_mpi", "self_test", "MPIInitError"]
+register()
+
+__all__ = ["BACKEND", "init", "register", "LaunchInfo", "detect_launcher", "init_mpi",
+           "self_test", "MPIInitError"]

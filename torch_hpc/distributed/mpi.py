@@ -7,6 +7,7 @@ import socket
 from .launcher import LaunchInfo, detect_launcher
 
 _pmi_server = None  # rank 0's PMI server process, kept alive for the job's life
+_world = None       # COMM_WORLD once formed and self-tested
 
 
 class MPIInitError(RuntimeError):
@@ -92,13 +93,20 @@ def self_test(comm) -> None:
                            "configuration loses one-sided updates")
 
 
-def init_mpi(store=None, timeout: datetime.timedelta = datetime.timedelta(minutes=5)):
+def init_mpi(store=None, timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+             launch: LaunchInfo | None = None):
     """Initialises MPI once (MPI_THREAD_MULTIPLE) so that MPI_COMM_WORLD matches the launcher:
     under mpirun/mpiexec MPI already is the world; under torchrun (or any launcher that gives
-    RANK/WORLD_SIZE and a torch Store) the world is formed through torch_hpc's PMI server.
-    Returns mpi4py's COMM_WORLD after a self-test."""
+    ranks and a torch Store) the world is formed through torch_hpc's PMI server.
+    Returns mpi4py's COMM_WORLD after a self-test (done once per process)."""
+    global _world
     MPI = _mpi4py()
-    launch = detect_launcher()
+    launch = launch or detect_launcher()
+    if _world is not None:
+        if (_world.size, _world.rank) != (launch.world_size, launch.rank):
+            raise MPIInitError(f"torch_hpc: MPI_COMM_WORLD is rank {_world.rank} of {_world.size}, "
+                               f"but rank {launch.rank} of {launch.world_size} was asked for")
+        return _world
     if not MPI.Is_initialized():
         if launch.world_size > 1 and not launch.is_mpi_launch:
             _join_world_through_pmi(MPI, launch, store, timeout)
@@ -119,4 +127,5 @@ def init_mpi(store=None, timeout: datetime.timedelta = datetime.timedelta(minute
             "was imported before torch_hpc.distributed.init_mpi, it made this process an MPI "
             "singleton (set mpi4py.rc.initialize = False first)")
     self_test(comm)
+    _world = comm
     return comm

@@ -1,0 +1,165 @@
+// hpc_mpi: a torch.distributed backend (c10d::Backend) over MPI.
+//
+// Every MPI call runs on the backend's own thread, fed by one ordered queue, so all ranks issue
+// their collectives in program order. Point-to-point operations are nonblocking (a send and a
+// receive queued on the same thread cannot deadlock). CUDA tensors are staged through pinned host
+// buffers on a side stream ordered after the caller's current stream; Work::wait() makes the
+// caller's current stream wait for the result. MPI errors become exceptions on the Work; an
+// operation that outlives the group's timeout aborts the job (MPI_Abort) instead of hanging.
+#pragma once
+
+#include <mpi.h>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace torch_hpc {
+namespace comm {
+
+class WorkHPCMPI : public c10d::Work {
+ public:
+  WorkHPCMPI(int rank, c10d::OpType type, std::string name, std::vector<at::Tensor> result,
+             std::optional<at::Device> cuda_device);
+
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  std::vector<at::Tensor> result() override { return result_; }
+  int sourceRank() const override { return source_rank_; }
+
+  const std::string& name() const { return name_; }
+  const std::optional<at::Device>& cuda_device() const { return cuda_device_; }
+  // Worker-thread side.
+  void complete(std::optional<c10::Stream> side_stream);
+  void fail(std::exception_ptr error);
+  void set_source_rank(int rank) { source_rank_ = rank; }
+
+  // Recorded on the caller's stream at enqueue; the side stream waits for it.
+  std::unique_ptr<c10::Event> ready_event;
+
+ private:
+  std::string name_;
+  std::vector<at::Tensor> result_;
+  std::optional<at::Device> cuda_device_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::unique_ptr<c10::Event> done_event_;
+  int source_rank_ = -1;
+};
+
+class BackendHPCMPI : public c10d::Backend {
+ public:
+  // Takes a duplicate of `parent` (collective over its members) for its own use.
+  BackendHPCMPI(MPI_Comm parent, int rank, int size, std::chrono::milliseconds timeout);
+  ~BackendHPCMPI() override;
+
+  const std::string getBackendName() const override { return "hpc_mpi"; }
+  void shutdown() override;
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
+      std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
+                                        const c10d::ReduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(
+      std::vector<std::vector<at::Tensor>>& output_lists, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs,
+                                        const c10d::GatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& output_splits,
+                                               std::vector<int64_t>& input_splits,
+                                               const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs,
+                                          std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dst, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
+
+  MPI_Comm comm() const { return comm_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Entry {
+    c10::intrusive_ptr<WorkHPCMPI> work;
+    std::function<void(WorkHPCMPI&)> run;  // collectives: blocking MPI calls
+    // Point-to-point: `post` starts `request`; `on_done` finishes once it completes.
+    std::function<void(WorkHPCMPI&, Entry&)> post;
+    MPI_Request request = MPI_REQUEST_NULL;
+    std::function<void(WorkHPCMPI&, const MPI_Status&)> on_done;
+    Clock::time_point deadline;
+  };
+
+  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, const char* name,
+                                        const std::vector<at::Tensor>& tensors,
+                                        std::vector<at::Tensor> result,
+                                        std::chrono::milliseconds timeout, Entry entry);
+  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
+                                         const std::vector<at::Tensor>& tensors,
+                                         std::vector<at::Tensor> result,
+                                         std::chrono::milliseconds timeout,
+                                         std::function<void(WorkHPCMPI&)> run);
+  c10::intrusive_ptr<c10d::Work> enqueue_p2p(c10d::OpType type, const char* name, at::Tensor tensor,
+                                             std::function<void(WorkHPCMPI&, Entry&)> post);
+  void run_entry(Entry& entry);
+  void poll_pending();
+  void worker_loop();
+  void watchdog_loop();
+  std::chrono::milliseconds op_timeout(std::chrono::milliseconds requested) const;
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  std::chrono::milliseconds timeout_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Entry> queue_;
+  std::list<Entry> pending_;  // worker thread only
+  bool stop_ = false;
+  bool shut_down_ = false;
+  bool worker_done_ = false;
+  std::atomic<int64_t> deadline_ns_{0};  // earliest deadline of what runs now (0: none)
+  std::string running_name_;             // guarded by mutex_
+  std::thread worker_;
+  std::thread watchdog_;
+};
+
+}  // namespace comm
+}  // namespace torch_hpc

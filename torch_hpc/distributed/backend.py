@@ -1,0 +1,104 @@
+"""The hpc_mpi torch.distributed backend: registration, the creator torch calls for every
+process group, and init() for launches by mpirun, MPICH/Hydra, Slurm or torchrun."""
+import atexit
+import datetime
+import hashlib
+import os
+import socket
+
+import torch.distributed as dist
+
+from .launcher import LaunchInfo, detect_launcher
+from .mpi import init_mpi
+
+BACKEND = "hpc_mpi"
+_base = None          # a duplicate of COMM_WORLD that only builds sub-communicators
+_atexit_registered = False
+
+
+def _comm_module():
+    try:
+        from torch_hpc import _comm
+    except ImportError as e:
+        raise RuntimeError(
+            "torch_hpc: the hpc_mpi backend is not built (no mpicxx was found when torch_hpc was "
+            "built, see torch_hpc.build_info()); install an MPI (e.g. `pip install mpich mpi4py`) "
+            f"and rebuild ({e})") from e
+    return _comm
+
+
+def _group_tag(group_id: str) -> int:
+    return int(hashlib.sha1(group_id.encode()).hexdigest(), 16) % 32768
+
+
+def _create_backend(opts, backend_options=None):
+    """torch calls this on member ranks for the default group and for every new_group."""
+    global _base, _atexit_registered
+    _comm = _comm_module()
+    timeout = opts.timeout if isinstance(opts.timeout, datetime.timedelta) else \
+        datetime.timedelta(seconds=float(opts.timeout))
+    ranks = list(opts.global_ranks_in_group) or list(range(opts.group_size))
+    if _base is None:  # the default group: every rank of the world is here
+        detected = detect_launcher()
+        launch = LaunchInfo(opts.group_rank, opts.group_size, detected.local_rank,
+                            detected.local_world_size if detected.world_size == opts.group_size
+                            else opts.group_size, detected.launcher)
+        world = init_mpi(store=opts.store, timeout=timeout, launch=launch)
+        _base = world.Dup()
+    if ranks == list(range(_base.size)):
+        comm, owned = _base, False
+    else:
+        group = _base.Get_group().Incl(ranks)
+        comm, owned = _base.Create_group(group, tag=_group_tag(opts.group_id)), True
+        group.Free()
+    try:
+        if comm.rank != opts.group_rank:
+            raise RuntimeError(f"torch_hpc hpc_mpi: MPI rank {comm.rank} differs from the process "
+                               f"group rank {opts.group_rank} (ranks {ranks})")
+        backend = _comm.create_backend(comm.py2f(), opts.group_rank, opts.group_size,
+                                       timeout.total_seconds())
+    finally:
+        if owned:
+            comm.Free()
+    if not _atexit_registered:  # drain and stop backends before mpi4py finalizes MPI
+        atexit.register(_comm.shutdown_all)
+        _atexit_registered = True
+    return backend
+
+
+def register() -> None:
+    """Registers hpc_mpi with torch.distributed (idempotent; no MPI call)."""
+    if not dist.is_available() or BACKEND in dist.Backend.backend_list:
+        return
+    dist.Backend.register_backend(BACKEND, _create_backend, extended_api=True,
+                                  devices=["cpu", "cuda"])
+
+
+def _publish_master_address(comm) -> None:
+    """Under an MPI launcher rank 0 chooses MASTER_ADDR/PORT and broadcasts them."""
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return
+    address = None
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            address = (os.environ.get("MASTER_ADDR") or socket.gethostname(), s.getsockname()[1])
+    host, port = comm.bcast(address, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = host, str(port)
+
+
+def init(backend: str = BACKEND, **kwargs) -> LaunchInfo:
+    """Detects the launcher (mpirun/Open MPI, MPICH/Hydra, Slurm, torchrun), prepares what
+    torch.distributed needs (ranks, a rendezvous address) and calls init_process_group.
+    Extra keyword arguments go to init_process_group (timeout, device_id, ...)."""
+    launch = detect_launcher()
+    if launch.is_mpi_launch or (launch.launcher == "slurm" and launch.world_size > 1):
+        _publish_master_address(init_mpi(launch=launch))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
+                       ("LOCAL_RANK", launch.local_rank),
+                       ("LOCAL_WORLD_SIZE", launch.local_world_size)):
+        os.environ.setdefault(key, str(value))
+    dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+    return launch
