@@ -32,6 +32,10 @@ def test_detect_launcher_rejects_bad_values():
 
 @pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2), ("torchrun", 4)])
 def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
+    if launcher == "torchrun":
+        from test_hpc_mpi import mpich_family
+        if not mpich_family():
+            pytest.skip("torchrun launches need an MPICH-family MPI")
     proc, reports = run_workers(launcher, n, "mpi_world_worker.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stdout + proc.stderr[-2000:]

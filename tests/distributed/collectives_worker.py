@@ -1,0 +1,322 @@
+"""Run under mpiexec or torchrun: every hpc_mpi operation x dtype x reduce op, sub-groups, async
+ops, error paths and DDP against gloo. Each rank computes the expected values of all ranks
+itself and prints 'RESULT {json}' with the failures it saw.
+
+    python collectives_worker.py [cpu|cuda]
+"""
+import math
+import sys
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import torch_hpc
+
+DEVICE_KIND = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+launch = torch_hpc.distributed.init("hpc_mpi")
+RANK, N = dist.get_rank(), dist.get_world_size()
+if DEVICE_KIND == "cuda":
+    DEVICE = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(DEVICE)
+else:
+    DEVICE = torch.device("cpu")
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INTS = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+DTYPES = FLOATS + INTS + [torch.bool]
+R = dist.ReduceOp
+failures, checks = [], 0
+warnings.filterwarnings("ignore")
+
+
+def value(rank, numel=7, dtype=torch.float32, offset=0):
+    """Rank `rank`'s input: small values so that products fit every dtype exactly."""
+    base = (torch.arange(numel) + offset) % 3
+    if dtype == torch.bool:
+        return ((base + rank) % 2 == 0)
+    return (base + rank + 1).to(dtype)
+
+
+def ops_for(dtype):
+    if dtype == torch.bool:
+        return [R.SUM, R.PRODUCT, R.MIN, R.MAX, R.BAND, R.BOR, R.BXOR]
+    if dtype.is_floating_point:
+        return [R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX]
+    return [R.SUM, R.PRODUCT, R.MIN, R.MAX, R.BAND, R.BOR, R.BXOR]
+
+
+def reduce_ref(tensors, op):
+    dtype = tensors[0].dtype
+    if dtype == torch.bool:
+        stack = torch.stack(tensors)
+        if op in (R.SUM, R.MAX, R.BOR):
+            return stack.any(0)
+        if op in (R.PRODUCT, R.MIN, R.BAND):
+            return stack.all(0)
+        return stack.sum(0) % 2 == 1  # BXOR
+    stack = torch.stack([t.double() if dtype.is_floating_point else t.long() for t in tensors])
+    if op == R.SUM:
+        out = stack.sum(0)
+    elif op == R.AVG:
+        out = stack.mean(0)
+    elif op == R.PRODUCT:
+        out = stack.prod(0)
+    elif op == R.MIN:
+        out = stack.min(0).values
+    elif op == R.MAX:
+        out = stack.max(0).values
+    else:
+        out = stack[0].clone()
+        for t in stack[1:]:
+            out = {R.BAND: out & t, R.BOR: out | t, R.BXOR: out ^ t}[op]
+    return out.to(dtype)
+
+
+def check(name, got, expected):
+    global checks
+    checks += 1
+    try:
+        torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-2 if got.dtype in (
+            torch.float16, torch.bfloat16) else 1e-6, atol=1e-6, equal_nan=False)
+    except AssertionError as e:
+        failures.append(f"{name}: {str(e).splitlines()[0]} got {got.tolist()} expected {expected.tolist()}")
+
+
+def expect_error(name, fn, exc=(ValueError, TypeError, RuntimeError)):
+    global checks
+    checks += 1
+    try:
+        fn()
+    except exc:
+        return
+    except Exception as e:  # wrong kind of error
+        failures.append(f"{name}: raised {type(e).__name__}: {e}")
+        return
+    failures.append(f"{name}: no error raised")
+
+
+def on(t):
+    return t.to(DEVICE)
+
+
+def run(name, fn):
+    try:
+        fn()
+    except Exception:
+        failures.append(f"{name}: {traceback.format_exc(limit=3)}")
+
+
+def test_all_reduce():
+    for dtype in DTYPES:
+        for op in ops_for(dtype):
+            t = on(value(RANK, dtype=dtype))
+            dist.all_reduce(t, op=op)
+            check(f"all_reduce {dtype} {op}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
+    # non-contiguous input is reduced in place through its view
+    t = on(torch.stack([value(RANK), value(RANK)], 1))[:, 1]
+    dist.all_reduce(t)
+    check("all_reduce non-contiguous", t, reduce_ref([value(r) for r in range(N)], R.SUM))
+    big = on(torch.full((1 << 20,), float(RANK + 1)))
+    dist.all_reduce(big)
+    check("all_reduce 1M floats", big[:: 1 << 16], torch.full((16,), float(N * (N + 1) / 2)))
+
+
+def test_movement():
+    root = N - 1
+    for dtype in DTYPES:
+        t = on(value(RANK, dtype=dtype))
+        dist.broadcast(t, src=root)
+        check(f"broadcast {dtype}", t, value(root, dtype=dtype))
+
+        outs = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)]
+        dist.all_gather(outs, on(value(RANK, dtype=dtype)))
+        for r in range(N):
+            check(f"all_gather {dtype} [{r}]", outs[r], value(r, dtype=dtype))
+
+        flat = on(torch.zeros(N * 7, dtype=dtype))
+        dist.all_gather_into_tensor(flat, on(value(RANK, dtype=dtype)))
+        check(f"all_gather_into_tensor {dtype}", flat, torch.cat([value(r, dtype=dtype) for r in range(N)]))
+
+        gathered = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)] if RANK == 0 else None
+        dist.gather(on(value(RANK, dtype=dtype)), gathered, dst=0)
+        if RANK == 0:
+            for r in range(N):
+                check(f"gather {dtype} [{r}]", gathered[r], value(r, dtype=dtype))
+
+        out = on(torch.zeros(7, dtype=dtype))
+        pieces = [on(value(r, dtype=dtype, offset=5)) for r in range(N)] if RANK == 0 else None
+        dist.scatter(out, pieces, src=0)
+        check(f"scatter {dtype}", out, value(RANK, dtype=dtype, offset=5))
+
+        # all_to_all_single, equal splits: rank r sends chunk p (2 values) to rank p
+        send = on(torch.cat([value(RANK * N + p, numel=2, dtype=dtype) for p in range(N)]))
+        recv = on(torch.zeros(2 * N, dtype=dtype))
+        dist.all_to_all_single(recv, send)
+        check(f"all_to_all_single {dtype}", recv,
+              torch.cat([value(p * N + RANK, numel=2, dtype=dtype) for p in range(N)]))
+
+    # uneven splits: rank r sends (p + 1) rows of width 3 to rank p
+    send = on(torch.cat([torch.full((p + 1, 3), float(10 * RANK + p)) for p in range(N)]))
+    recv = on(torch.zeros(N * (RANK + 1), 3))
+    dist.all_to_all_single(recv, send, output_split_sizes=[RANK + 1] * N,
+                           input_split_sizes=[p + 1 for p in range(N)])
+    check("all_to_all_single uneven", recv,
+          torch.cat([torch.full((RANK + 1, 3), float(10 * p + RANK)) for p in range(N)]))
+
+    outs = [on(torch.zeros(p + 2)) for p in range(N)]
+    dist.all_to_all(outs, [on(torch.full((RANK + 2,), float(RANK * 100 + p))) for p in range(N)])
+    for p in range(N):
+        check(f"all_to_all [{p}]", outs[p], torch.full((p + 2,), float(p * 100 + RANK)))
+
+
+def test_reduce_family():
+    for dtype in DTYPES:
+        op = R.SUM if dtype != torch.bool else R.BOR
+        t = on(value(RANK, dtype=dtype))
+        dist.reduce(t, dst=0, op=op)
+        if RANK == 0:
+            check(f"reduce {dtype}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
+        for op in (R.SUM, R.MAX):
+            out = on(torch.zeros(3, dtype=dtype))
+            ins = [on(value(RANK, numel=3, dtype=dtype, offset=p)) for p in range(N)]
+            dist.reduce_scatter(out, ins, op=op)
+            check(f"reduce_scatter {dtype} {op}", out,
+                  reduce_ref([value(r, numel=3, dtype=dtype, offset=RANK) for r in range(N)], op))
+            out = on(torch.zeros(3, dtype=dtype))
+            dist.reduce_scatter_tensor(out, torch.cat(ins), op=op)
+            check(f"reduce_scatter_tensor {dtype} {op}", out,
+                  reduce_ref([value(r, numel=3, dtype=dtype, offset=RANK) for r in range(N)], op))
+    a, b = on(value(RANK, numel=4)), on(value(RANK, numel=9, dtype=torch.float32, offset=1))
+    dist.all_reduce_coalesced([a, b])
+    check("all_reduce_coalesced [0]", a, reduce_ref([value(r, numel=4) for r in range(N)], R.SUM))
+    check("all_reduce_coalesced [1]", b, reduce_ref([value(r, numel=9, offset=1) for r in range(N)], R.SUM))
+
+
+def test_point_to_point_and_async():
+    nxt, prev = (RANK + 1) % N, (RANK - 1) % N
+    for dtype in (torch.float32, torch.float16, torch.int64, torch.bool):
+        got = on(torch.zeros(7, dtype=dtype))
+        if RANK % 2 == 0:  # blocking send/recv ordered so that it cannot deadlock either way
+            dist.send(on(value(RANK, dtype=dtype)), nxt)
+            dist.recv(got, prev)
+        else:
+            dist.recv(got, prev)
+            dist.send(on(value(RANK, dtype=dtype)), nxt)
+        check(f"send/recv {dtype}", got, value(prev, dtype=dtype))
+    got = on(torch.zeros(5))
+    reqs = [dist.irecv(got, prev), dist.isend(on(value(RANK, numel=5)), nxt)]  # recv first
+    for q in reqs:
+        q.wait()
+    check("irecv before isend", got, value(prev, numel=5))
+    got = on(torch.zeros(5))
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, on(value(RANK, numel=5)), nxt),
+                                   dist.P2POp(dist.irecv, got, prev)])
+    for q in reqs:
+        q.wait()
+    check("batch_isend_irecv", got, value(prev, numel=5))
+
+    t = on(value(RANK))
+    work = dist.all_reduce(t, async_op=True)
+    fut = work.get_future()
+    work.wait()
+    check("async all_reduce", t, reduce_ref([value(r) for r in range(N)], R.SUM))
+    check("async future value", fut.wait()[0], t)
+    works = [dist.all_reduce(on(torch.ones(3) * i), async_op=True) for i in range(20)]
+    for w in works:
+        w.wait()
+    if RANK == 0:
+        received = on(torch.zeros(1))
+        senders = []
+        for _ in range(N - 1):
+            w = dist.irecv(received)  # any source
+            w.wait()
+            senders.append(w._source_rank())
+        check("recv any source", torch.tensor(sorted(senders)), torch.arange(1, N))
+    else:
+        dist.send(on(torch.ones(1) * RANK), 0)
+    dist.barrier()
+
+
+def test_sub_groups():
+    evens = list(range(0, N, 2))
+    odd_first = list(range(N - 1, -1, -1))  # all ranks, given in reverse order
+    g_even = dist.new_group(evens)
+    g_rev = dist.new_group(odd_first)
+    if RANK in evens:
+        t = on(torch.ones(4) * RANK)
+        dist.all_reduce(t, group=g_even)
+        check("sub-group all_reduce", t, torch.ones(4) * sum(evens))
+        outs = [on(torch.zeros(1)) for _ in evens]
+        dist.all_gather(outs, on(torch.ones(1) * RANK), group=g_even)
+        check("sub-group all_gather", torch.cat(outs), torch.tensor([float(r) for r in evens]))
+    t = on(torch.ones(2) * RANK)
+    dist.broadcast(t, src=N - 1, group=g_rev)
+    check("reversed group broadcast", t, torch.ones(2) * (N - 1))
+    if N >= 3:
+        pair = dist.new_group([1, 2])
+        if RANK in (1, 2):
+            t = on(torch.ones(1) * RANK)
+            dist.all_reduce(t, group=pair)
+            check("pair group", t, torch.ones(1) * 3)
+    dist.barrier()
+
+
+def test_errors():
+    expect_error("unsupported dtype uint32", lambda: dist.all_reduce(on(torch.ones(2, dtype=torch.uint32))))
+    expect_error("AVG on int", lambda: dist.all_reduce(on(torch.ones(2, dtype=torch.int32)), op=R.AVG))
+    expect_error("PREMUL_SUM", lambda: dist.all_reduce(
+        on(torch.ones(2)), op=dist._make_nccl_premul_sum(2.0)))
+    expect_error("all_gather_into_tensor size", lambda: dist.all_gather_into_tensor(
+        on(torch.zeros(N * 7 + 1)), on(torch.zeros(7))))
+    expect_error("reduce_scatter_tensor size", lambda: dist.reduce_scatter_tensor(
+        on(torch.zeros(2)), on(torch.zeros(2 * N + 1))))
+    expect_error("all_to_all_single splits", lambda: dist.all_to_all_single(
+        on(torch.zeros(N)), on(torch.zeros(N)), input_split_sizes=[N + 1] + [0] * (N - 1)))
+    t = on(torch.ones(3))
+    dist.all_reduce(t)  # the group still works after the errors
+    check("all_reduce after errors", t, torch.ones(3) * N)
+
+
+def test_ddp_matches_gloo():
+    gloo = dist.new_group(backend="gloo")
+
+    def train(group, device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=0.001)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + RANK)
+        for _ in range(5):
+            x, y = torch.randn(8, 16, generator=gen).to(device), torch.randn(8, 4, generator=gen).to(device)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+    ours = train(None, DEVICE)
+    ref = train(gloo, torch.device("cpu"))
+    global checks
+    checks += 1
+    diff = (ours - ref).abs().max().item()
+    tolerance = 1e-6 if N <= 2 else 1e-5
+    if not diff <= tolerance:
+        failures.append(f"DDP hpc_mpi vs gloo: max |diff| {diff:.3g} > {tolerance}")
+    return diff
+
+
+for name, fn in [("all_reduce", test_all_reduce), ("movement", test_movement),
+                 ("reduce family", test_reduce_family), ("p2p/async", test_point_to_point_and_async),
+                 ("sub-groups", test_sub_groups), ("errors", test_errors)]:
+    run(name, fn)
+ddp_diff = math.nan
+try:
+    ddp_diff = test_ddp_matches_gloo()
+except Exception:
+    failures.append(f"DDP: {traceback.format_exc(limit=3)}")
+dist.barrier()
+dist.destroy_process_group()
+print("RESULT " + __import__("json").dumps({"rank": RANK, "size": N, "device": str(DEVICE),
+                                            "checks": checks, "failures": failures,
+                                            "ddp_max_diff": ddp_diff}), flush=True)
