@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# One device call: build, CUDA tests, sanitizer, SASS, benchmark. Logs go to ${OUT:-.out}.
-# Usage: bash benchmarks/gpu_check.sh [benchmark args...]
+# One device call: build, tests, sanitizer, SASS, benchmarks. Logs go to ${OUT:-.out}.
+#   bash benchmarks/gpu_check.sh [gemm benchmark args...]
+#   PARTS="gemm comm" selects what runs (default both): gemm = GEMM tests, memcheck, SASS and
+#   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py.
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
-export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+PARTS=${PARTS:-gemm comm}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 # A compiler that has only a static libstdc++ (the GPU image's /opt/gcc) gives the extension a
 # private copy whose iostreams crash when formatting numbers: use the system g++ when so.
 if [ "$(${CXX:-g++} -print-file-name=libstdc++.so)" = "libstdc++.so" ] && [ -x /usr/bin/g++ ]; then
   export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 fi
-rm -rf build torch_hpc/_C*.so
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+rm -rf build torch_hpc/_C*.so torch_hpc/_comm*.so
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"; grep -A6 "build configuration" "$OUT/build.log"
-so=$(ls torch_hpc/_C*.so)
-cuobjdump -sass "$so" > /tmp/sass.txt 2>&1
-{ echo "== HMMA/HGMMA counts per kernel"; awk '/Function :/{f=$3} /HGMMA/{g[f]++} /HMMA/{h[f]++} END{for(k in h) print "HMMA", h[k], k; for(k in g) print "HGMMA", g[k], k}' /tmp/sass.txt; } > "$OUT/sass.txt"
-cat "$OUT/sass.txt"
-$PY -m pytest tests -q -p no:logging -rs 2>&1 | tee "$OUT/tests.log" | tail -25
-compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "
+echo "build: $(( $(date +%s) - t0 )) s"; grep -A8 "build configuration" "$OUT/build.log"
+
+if [[ " $PARTS " == *" gemm "* ]]; then
+  cuobjdump -sass torch_hpc/_C*.so > /tmp/sass.txt 2>&1
+  { echo "== HMMA/HGMMA counts per kernel"; awk '/Function :/{f=$3} /HGMMA/{g[f]++} /HMMA/{h[f]++} END{for(k in h) print "HMMA", h[k], k; for(k in g) print "HGMMA", g[k], k}' /tmp/sass.txt; } > "$OUT/sass.txt"
+  cat "$OUT/sass.txt"
+  $PY -m pytest tests -q -p no:logging -rs --ignore=tests/test_hpc_mpi.py --ignore=tests/test_mpi_world.py 2>&1 | tee "$OUT/tests.log" | tail -8
+  compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "
 import torch, torch_hpc
 for m, k, n in [(1, 1, 1), (130, 33, 129), (257, 1000, 64)]:
     a = torch.randn(m, k, device='cuda'); b = torch.randn(k, n, device='cuda'); a[0, 0] = float('inf')
     torch_hpc.mm(a, b); torch_hpc.mm(a.t().contiguous().t(), b); torch_hpc.bmm(a.expand(2, m, k), b.expand(2, k, n))
 torch.cuda.synchronize(); print('memcheck shapes done')
 " > "$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
-PYTHONPATH=$PWD $PY benchmarks/gemm.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^\['
+  $PY benchmarks/gemm.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^\['
+fi
+
+if [[ " $PARTS " == *" comm "* ]]; then
+  $PY -m pytest tests/test_hpc_mpi.py tests/test_mpi_world.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-comm.log" | tail -15
+  MPIEXEC=(mpiexec -n 2)
+  if mpiexec --version 2>&1 | grep -q "Open MPI\|OpenRTE"; then MPIEXEC+=(--oversubscribe --allow-run-as-root); fi
+  for dev in cpu cuda; do
+    timeout 300 "${MPIEXEC[@]}" $PY benchmarks/comm.py --device $dev --out "$OUT" 2>/dev/null | tee "$OUT/comm-$dev.log" | tail -4
+  done
+fi

@@ -23,6 +23,14 @@ def mpiexec_command(n: int) -> list[str]:
     return cmd
 
 
+def mpich_family() -> bool:
+    """Whether torch_hpc's MPI can join torchrun's processes (MPI_Get_library_version needs no
+    MPI_Init)."""
+    from torch_hpc import _comm
+    version = _comm.library_version()
+    return any(name in version for name in ("MPICH", "Intel", "MVAPICH"))
+
+
 def torchrun_command(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 

@@ -1,5 +1,6 @@
 """The hpc_mpi backend under real launchers: every op x dtype x reduce op, sub-groups, async
 ops, errors, DDP against gloo, timeouts and failures that end the job instead of hanging."""
+import subprocess
 import sys
 import time
 
@@ -8,16 +9,10 @@ import torch
 import torch.distributed as dist
 
 import torch_hpc
-from launchers import mpiexec_command, run_workers
+from launchers import WORKERS, mpich_family, mpiexec_command, run_workers
 
 pytestmark = pytest.mark.skipif(not torch_hpc.build_info().get("mpi"),
                                 reason="torch_hpc was built without MPI")
-
-
-def mpich_family() -> bool:
-    from torch_hpc import _comm  # MPI_Get_library_version needs no MPI_Init
-    version = _comm.library_version()
-    return any(name in version for name in ("MPICH", "Intel", "MVAPICH"))
 
 
 def _launchers(n_torchrun=2):
@@ -77,11 +72,9 @@ def test_timeout_aborts_the_job():
 
 
 def test_exception_on_one_rank_ends_the_job():
-    cmd = mpiexec_command(2)
-    import subprocess
-    start = time.monotonic()
-    proc = subprocess.run(cmd + [sys.executable, "-m", "mpi4py",
-                                 str(__import__("launchers").WORKERS / "failure_worker.py"), "raise"],
+    start = time.monotonic()  # `python -m mpi4py` turns an uncaught exception into MPI_Abort
+    proc = subprocess.run(mpiexec_command(2) + [sys.executable, "-m", "mpi4py",
+                                                str(WORKERS / "failure_worker.py"), "raise"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "planted failure on rank 1" in proc.stderr
     assert time.monotonic() - start < 40

@@ -1,7 +1,7 @@
 """torch_hpc.distributed: launcher detection and one MPI world under mpiexec and torchrun."""
 import pytest
 
-from launchers import run_workers
+from launchers import mpich_family, run_workers
 from torch_hpc.distributed import detect_launcher
 
 
@@ -33,7 +33,6 @@ def test_detect_launcher_rejects_bad_values():
 @pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2), ("torchrun", 4)])
 def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
     if launcher == "torchrun":
-        from test_hpc_mpi import mpich_family
         if not mpich_family():
             pytest.skip("torchrun launches need an MPICH-family MPI")
     proc, reports = run_workers(launcher, n, "mpi_world_worker.py")

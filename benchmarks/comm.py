@@ -1,0 +1,169 @@
+"""Collective bandwidth and latency: hpc_mpi vs gloo vs raw mpi4py on the same buffers.
+
+    mpiexec -n 2 python benchmarks/comm.py                 # CPU tensors, 4 B ... 256 MiB
+    mpiexec -n 2 python benchmarks/comm.py --device cuda   # CUDA tensors (mpi4py on host copies)
+
+Bus bandwidth follows nccl-tests: all_reduce moves 2(n-1)/n of the buffer per rank, broadcast
+the buffer, all_gather (into one tensor) (n-1)/n of the output. Each time is the slowest rank's
+median over the repetitions. Rank 0 prints the table and writes JSON and a PNG.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import torch_hpc
+
+OPS = ["all_reduce", "broadcast", "all_gather"]
+IMPLS = ["hpc_mpi", "gloo", "mpi4py"]
+
+
+def bus_factor(op, n):
+    return {"all_reduce": 2 * (n - 1) / n, "broadcast": 1.0, "all_gather": (n - 1) / n}[op]
+
+
+def make_call(op, impl, buf, out, gloo, comm, MPI):
+    if impl == "mpi4py":
+        host = buf.numpy() if buf.device.type == "cpu" else None
+        host_out = out.numpy() if out.device.type == "cpu" else None
+
+        def staged(fn):
+            def call():
+                h = host if host is not None else buf.cpu().numpy()
+                o = host_out if host_out is not None else np.empty(out.numel(), dtype=h.dtype)
+                fn(h, o)
+            return call
+        if op == "all_reduce":
+            return staged(lambda h, o: comm.Allreduce(MPI.IN_PLACE, h))
+        if op == "broadcast":
+            return staged(lambda h, o: comm.Bcast(h, root=0))
+        return staged(lambda h, o: comm.Allgather(h, o))
+    group = gloo if impl == "gloo" else None
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(buf, group=group)
+    if op == "broadcast":
+        return lambda: dist.broadcast(buf, src=0, group=group)
+    return lambda: dist.all_gather_into_tensor(out, buf, group=group)
+
+
+def time_call(call, reps, comm, device):
+    times = []
+    for i in range(reps + 2):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up runs
+            times.append(time.perf_counter() - t0)
+    return comm.allreduce(statistics.median(times), op=__import__("mpi4py").MPI.MAX)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--min-bytes", type=int, default=4)
+    p.add_argument("--max-bytes", type=int, default=256 << 20)
+    p.add_argument("--ops", nargs="*", default=OPS, choices=OPS)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+
+    launch = torch_hpc.distributed.init("hpc_mpi")
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, n = dist.get_rank(), dist.get_world_size()
+    gloo = dist.new_group(backend="gloo")
+    device = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) \
+        if args.device == "cuda" else torch.device("cpu")
+    if args.device == "cuda":
+        torch.cuda.set_device(device)
+    machine = torch.cuda.get_device_name(device) if args.device == "cuda" else \
+        f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    mpi_version = MPI.Get_library_version().splitlines()[0].strip()
+    if rank == 0:
+        print(f"# collectives on {machine}, {n} ranks, {mpi_version}, torch {torch.__version__}, "
+              f"{datetime.date.today()}", flush=True)
+
+    rows = []
+    size = args.min_bytes
+    while size <= args.max_bytes:
+        numel = max(1, size // 4)
+        reps = int(min(200, max(10, 1e9 / max(size, 1) / n)))
+        for op in args.ops:
+            row = {"op": op, "bytes": numel * 4}
+            for impl in IMPLS:
+                buf = torch.full((numel,), float(rank + 1), device=device)
+                out = torch.empty(numel * n, device=device)
+                seconds = time_call(make_call(op, impl, buf, out, gloo, comm, MPI), reps, comm, args.device)
+                row[impl] = {"us": seconds * 1e6,
+                             "busbw_GBps": numel * 4 * (n if op == "all_gather" else 1)
+                             * bus_factor(op, n) / seconds / 1e9}
+            rows.append(row)
+            if rank == 0:
+                print(f"  {op:10s} {numel * 4:>10d} B  " + "  ".join(
+                    f"{impl} {row[impl]['busbw_GBps']:7.2f} GB/s {row[impl]['us']:9.1f} us"
+                    for impl in IMPLS), file=sys.stderr, flush=True)
+        size *= 4
+
+    if rank == 0:
+        print(f"\n{'op':10s} {'bytes':>10s} | " + " | ".join(f"{i:>22s}" for i in IMPLS)
+              + " | hpc/mpi4py | hpc/gloo")
+        for r in rows:
+            cells = [f"{r[i]['busbw_GBps']:8.2f} GB/s {r[i]['us']:8.1f}us" for i in IMPLS]
+            print(f"{r['op']:10s} {r['bytes']:>10d} | " + " | ".join(cells) +
+                  f" | {r['hpc_mpi']['busbw_GBps'] / r['mpi4py']['busbw_GBps']:10.2f} | "
+                  f"{r['hpc_mpi']['busbw_GBps'] / r['gloo']['busbw_GBps']:8.2f}")
+        big = [r for r in rows if r["bytes"] >= 1 << 20]
+        mid = [r for r in rows if r["bytes"] >= 64 << 10]
+        summary = {
+            "min_ratio_vs_mpi4py_at_1MiB_plus": min((r["hpc_mpi"]["busbw_GBps"] / r["mpi4py"]["busbw_GBps"]
+                                                     for r in big), default=None),
+            "min_ratio_vs_gloo_at_64KiB_plus": min((r["hpc_mpi"]["busbw_GBps"] / r["gloo"]["busbw_GBps"]
+                                                    for r in mid), default=None),
+        }
+        print(f"\nsummary: {json.dumps(summary)}")
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"comm-{args.device}-{n}ranks{'-' + args.tag if args.tag else ''}")
+        meta = {"machine": machine, "ranks": n, "mpi": mpi_version, "torch": torch.__version__,
+                "date": str(datetime.date.today()), "device": args.device,
+                "command": " ".join(["mpiexec", "-n", str(n), "python"] + sys.argv)}
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
+        plot(rows, stem + ".png", f"{n} ranks, {machine}, {meta['date']}")
+        print(f"wrote {stem}.json and {stem}.png")
+    dist.destroy_process_group()
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = sorted({r["op"] for r in rows}, key=OPS.index)
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        sel = [r for r in rows if r["op"] == op]
+        for impl in IMPLS:
+            ax.plot([r["bytes"] for r in sel], [r[impl]["busbw_GBps"] for r in sel], "o-", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(op)
+        ax.set_xlabel("bytes per rank")
+        ax.set_ylabel("bus bandwidth (GB/s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
