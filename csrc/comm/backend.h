@@ -59,6 +59,7 @@ class WorkHPCMPI : public c10d::Work {
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   std::unique_ptr<c10::Event> done_event_;
   int source_rank_ = -1;
+  std::atomic<bool> done_{false};  // lets wait() spin briefly before it sleeps
 };
 
 class BackendHPCMPI : public c10d::Backend {
@@ -151,6 +152,7 @@ class BackendHPCMPI : public c10d::Backend {
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Entry> queue_;
+  std::atomic<size_t> queued_{0};  // queue_.size(), read without the lock while spinning
   std::list<Entry> pending_;  // worker thread only
   bool stop_ = false;
   bool shut_down_ = false;
