@@ -142,6 +142,7 @@ class BackendHPCMPI : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> enqueue_p2p(c10d::OpType type, const char* name, at::Tensor tensor,
                                              std::function<void(WorkHPCMPI&, Entry&)> post);
   void run_entry(Entry& entry);
+  void allreduce_in_place(void* data, int count, MPI_Datatype type, MPI_Op op, const char* name);
   void poll_pending();
   void worker_loop();
   void watchdog_loop();
