@@ -23,12 +23,18 @@ def mpiexec_command(n: int) -> list[str]:
     return cmd
 
 
+def mpi_version() -> str:
+    from torch_hpc import _comm  # MPI_Get_library_version needs no MPI_Init
+    return _comm.library_version()
+
+
 def mpich_family() -> bool:
-    """Whether torch_hpc's MPI can join torchrun's processes (MPI_Get_library_version needs no
-    MPI_Init)."""
-    from torch_hpc import _comm
-    version = _comm.library_version()
-    return any(name in version for name in ("MPICH", "Intel", "MVAPICH"))
+    return any(name in mpi_version() for name in ("MPICH", "Intel", "MVAPICH"))
+
+
+def torchrun_supported() -> bool:
+    """torch_hpc joins torchrun's processes with MPICH-family MPIs and Open MPI 4."""
+    return mpich_family() or "Open MPI v4" in mpi_version()
 
 
 def torchrun_command(n: int) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import torch_hpc
-from launchers import WORKERS, mpich_family, mpiexec_command, run_workers
+from launchers import WORKERS, mpiexec_command, run_workers, torchrun_supported
 
 pytestmark = pytest.mark.skipif(not torch_hpc.build_info().get("mpi"),
                                 reason="torch_hpc was built without MPI")
@@ -35,8 +35,9 @@ def _check_reports(proc, reports, n, min_checks=150):
 
 
 def _skip_torchrun_without_mpich(launcher):
-    if launcher == "torchrun" and not mpich_family():
-        pytest.skip("torchrun launches need an MPICH-family MPI (see test_torchrun_with_other_mpi)")
+    if launcher == "torchrun" and not torchrun_supported():
+        pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4 "
+                    "(see test_torchrun_with_other_mpi_fails_clearly)")
 
 
 @pytest.mark.parametrize("launcher,n", _launchers())
@@ -57,10 +58,10 @@ def test_collectives_cuda(launcher):
 
 
 def test_torchrun_with_other_mpi_fails_clearly():
-    if mpich_family():
+    if torchrun_supported():
         pytest.skip("this MPI supports torchrun launches")
     proc, _ = run_workers("torchrun", 2, "mpi_world_worker.py", timeout=120)
-    assert proc.returncode != 0 and "MPICH-family MPI" in proc.stderr
+    assert proc.returncode != 0 and "Launch with mpirun/mpiexec instead" in proc.stderr
 
 
 def test_timeout_aborts_the_job():

@@ -9,7 +9,7 @@ import socket
 import torch.distributed as dist
 
 from .launcher import LaunchInfo, detect_launcher
-from .mpi import init_mpi
+from .mpi import init_mpi, release_at_exit
 
 BACKEND = "hpc_mpi"
 _base = None          # a duplicate of COMM_WORLD that only builds sub-communicators
@@ -45,6 +45,9 @@ def _create_backend(opts, backend_options=None):
                             else opts.group_size, detected.launcher)
         world = init_mpi(store=opts.store, timeout=timeout, launch=launch)
         _base = world.Dup()
+        from mpi4py import MPI
+        if world != MPI.COMM_WORLD:  # singletons joined by Open MPI
+            release_at_exit(_base)
     if ranks == list(range(_base.size)):
         comm, owned = _base, False
     else:

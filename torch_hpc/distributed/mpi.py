@@ -1,13 +1,44 @@
-"""MPI initialisation under any launcher: one MPI_COMM_WORLD whose ranks equal the launcher's,
-initialised with MPI_THREAD_MULTIPLE, self-tested before use. Never runs at import."""
+"""MPI initialisation under any launcher: one world communicator whose ranks equal the
+launcher's, initialised with MPI_THREAD_MULTIPLE, self-tested before use. Never runs at import.
+
+Under mpirun the world is MPI_COMM_WORLD. Under torchrun every process starts as an MPI
+singleton: with an MPICH-family MPI torch_hpc serves the PMI protocol so that MPI_COMM_WORLD is
+the whole job; with Open MPI 4 the singletons join through an ompi-server into a merged
+communicator (use the communicator init_mpi returns, not MPI_COMM_WORLD)."""
+import atexit
 import datetime
 import os
 import socket
+import time
 
 from .launcher import LaunchInfo, detect_launcher
 
 _pmi_server = None  # rank 0's PMI server process, kept alive for the job's life
 _world = None       # COMM_WORLD once formed and self-tested
+_joined = []        # communicators spanning joined singletons, freed before MPI_Finalize
+_open_port = None   # rank 0's port of the Open MPI join, closed at exit
+
+
+def release_at_exit(comm) -> None:
+    """Open MPI's joined singletons must finalize together: at exit every rank meets in a
+    barrier, frees the communicators that span the join and rank 0 closes its port (measured:
+    without the barrier a rank that leaves first breaks its peers' finalize half the time;
+    MPI_Comm_disconnect hangs there)."""
+    if not _joined:
+        atexit.register(_release_joined)
+    _joined.append(comm)
+
+
+def _release_joined():
+    MPI = _mpi4py()
+    if MPI.Is_finalized() or not _joined:
+        return
+    _joined[0].Barrier()
+    if _open_port is not None:
+        MPI.Close_port(_open_port)
+    for comm in reversed(_joined):
+        comm.Free()
+    _joined.clear()
 
 
 class MPIInitError(RuntimeError):
@@ -35,18 +66,25 @@ def _launcher_store(launch: LaunchInfo, timeout: datetime.timedelta):
                          wait_for_workers=False)
 
 
-def _join_world_through_pmi(MPI, launch: LaunchInfo, store, timeout):
+def _mpi_family(MPI) -> str:
+    """'mpich' (MPICH, Intel MPI, MVAPICH, Cray), 'openmpi4', 'openmpi5' or 'other'."""
+    version = MPI.Get_library_version()  # callable before MPI_Init
+    if any(name in version for name in ("MPICH", "Intel", "MVAPICH")):
+        return "mpich"
+    if "Open MPI" in version:
+        return "openmpi4" if "Open MPI v4" in version else "openmpi5"
+    return "other"
+
+
+def _restart_key(name: str) -> str:
+    return f"torch_hpc/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _join_world_through_pmi(launch: LaunchInfo, store, timeout):
+    """MPICH family: torch_hpc serves the PMI-1 protocol to its own ranks before MPI_Init."""
     global _pmi_server
     from . import pmi
-    version = MPI.Get_library_version()
-    if "MPICH" not in version and "Intel" not in version and "MVAPICH" not in version:
-        raise MPIInitError(
-            "torch_hpc: processes started by torchrun (or another non-MPI launcher) can form an MPI "
-            "world only with an MPICH-family MPI (MPICH, Intel MPI, MVAPICH, Cray MPICH); this "
-            f"mpi4py uses {version.splitlines()[0]!r}. Launch with mpirun/mpiexec instead, or "
-            "install MPICH (`pip install mpich mpi4py`).")
-    store = store or _launcher_store(launch, timeout)
-    key = f"torch_hpc/pmi/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = _restart_key("pmi")
     if launch.rank == 0:
         _pmi_server, port = pmi.start_server(launch.world_size, launch.local_world_size)
         host = os.environ.get("TORCH_HPC_PMI_HOST") or socket.gethostname()
@@ -54,6 +92,74 @@ def _join_world_through_pmi(MPI, launch: LaunchInfo, store, timeout):
     store.wait([key], timeout)
     host, _, port = store.get(key).decode().rpartition(":")
     pmi.connect_client(host, int(port), launch.rank, launch.world_size)
+
+
+def _prepare_ompi_server(launch: LaunchInfo, store, timeout):
+    """Open MPI 4, before MPI_Init: rank 0 starts an ompi-server, through which the singletons
+    can accept/connect; one-sided windows then need the UCX osc component (shared-memory osc
+    refuses processes joined this way)."""
+    global _pmi_server
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    key = _restart_key("ompi-server")
+    if launch.rank == 0:
+        exe = shutil.which("ompi-server")
+        if exe is None:
+            raise MPIInitError("torch_hpc: joining torchrun's processes with Open MPI 4 needs "
+                               "`ompi-server` on PATH; or launch with mpirun")
+        uri_file = os.path.join(tempfile.mkdtemp(prefix="torch_hpc_"), "uri")
+
+        def die_with_parent():  # the server must not outlive rank 0
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+        _pmi_server = subprocess.Popen([exe, "--no-daemonize", "-r", uri_file],
+                                       preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout.total_seconds()
+        uri = ""
+        while not uri:
+            if time.monotonic() > deadline or _pmi_server.poll() is not None:
+                raise MPIInitError("torch_hpc: ompi-server did not start")
+            time.sleep(0.01)
+            uri = open(uri_file).read().strip() if os.path.exists(uri_file) else ""
+        store.set(key, uri)
+    store.wait([key], timeout)
+    os.environ["OMPI_MCA_pmix_server_uri"] = store.get(key).decode()
+    os.environ.setdefault("OMPI_MCA_osc", "ucx")
+
+
+def _connect_world(MPI, launch: LaunchInfo, store, timeout):
+    """Open MPI 4, after MPI_Init: the singletons join one by one through MPI_Comm_accept/connect
+    on rank 0's port, in rank order, so the merged communicator's ranks are the launcher's."""
+    global _open_port
+    port_key, joined_key = _restart_key("ompi-port"), _restart_key("ompi-joined")
+    comm = MPI.COMM_SELF
+    if launch.rank == 0:
+        port = MPI.Open_port()
+        store.set(port_key, port)
+    store.wait([port_key], timeout)
+    port = store.get(port_key).decode()
+    for k in range(1, launch.world_size):
+        if launch.rank < k:
+            inter = comm.Accept(port, root=0)
+            merged = inter.Merge(high=False)
+            inter.Disconnect()
+            if comm is not MPI.COMM_SELF:
+                comm.Free()
+            comm = merged
+            if comm.rank == 0:
+                store.set(f"{joined_key}/{k}", "1")
+        elif launch.rank == k:
+            if k > 1:  # wait for the previous rank: the port accepts whoever connects first
+                store.wait([f"{joined_key}/{k - 1}"], timeout)
+            inter = MPI.COMM_SELF.Connect(port, root=0)
+            comm = inter.Merge(high=True)
+            inter.Disconnect()
+    if launch.rank == 0:
+        _open_port = port
+    return comm
 
 
 def self_test(comm) -> None:
@@ -107,9 +213,22 @@ def init_mpi(store=None, timeout: datetime.timedelta = datetime.timedelta(minute
             raise MPIInitError(f"torch_hpc: MPI_COMM_WORLD is rank {_world.rank} of {_world.size}, "
                                f"but rank {launch.rank} of {launch.world_size} was asked for")
         return _world
+    join = None
     if not MPI.Is_initialized():
         if launch.world_size > 1 and not launch.is_mpi_launch:
-            _join_world_through_pmi(MPI, launch, store, timeout)
+            family = _mpi_family(MPI)
+            if family not in ("mpich", "openmpi4"):
+                raise MPIInitError(
+                    "torch_hpc: processes started by torchrun (or another non-MPI launcher) can form "
+                    "an MPI world with an MPICH-family MPI (MPICH, Intel MPI, MVAPICH, Cray MPICH) or "
+                    f"Open MPI 4, not with {MPI.Get_library_version().splitlines()[0]!r}. Launch "
+                    "with mpirun/mpiexec instead, or install MPICH (`pip install mpich mpi4py`).")
+            store = store or _launcher_store(launch, timeout)
+            if family == "mpich":
+                _join_world_through_pmi(launch, store, timeout)
+            else:
+                _prepare_ompi_server(launch, store, timeout)
+                join = lambda: _connect_world(MPI, launch, store, timeout)  # noqa: E731
         provided = MPI.Init_thread(MPI.THREAD_MULTIPLE)
         if provided < MPI.THREAD_MULTIPLE:
             raise MPIInitError(f"torch_hpc: the MPI library provides thread level {provided}, "
@@ -120,6 +239,9 @@ def init_mpi(store=None, timeout: datetime.timedelta = datetime.timedelta(minute
                            "import torch_hpc.distributed before mpi4py.MPI or set "
                            "mpi4py.rc.thread_level = 'multiple'")
     comm = MPI.COMM_WORLD
+    if join:
+        comm = join()
+        release_at_exit(comm)
     if (comm.size, comm.rank) != (launch.world_size, launch.rank):
         raise MPIInitError(
             f"torch_hpc: MPI_COMM_WORLD is rank {comm.rank} of {comm.size} but the launcher "
