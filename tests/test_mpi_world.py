@@ -43,4 +43,5 @@ def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
         assert r["sum"] == n * (n + 1) // 2
         if mpich_family() or launcher == "mpiexec":  # Open MPI's joined singletons share no memory
             assert r["shared_memory_peers"] == n
+            assert r["rma"]  # the self-test's concurrent accumulates were exact
         assert r["launcher"] == ("torchrun" if launcher == "torchrun" else r["launcher"])

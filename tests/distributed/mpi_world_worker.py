@@ -13,5 +13,6 @@ local = comm.Split_type(MPI.COMM_TYPE_SHARED).size
 print("RESULT " + json.dumps({
     "launcher": launch.launcher, "rank": comm.rank, "size": comm.size, "launch_rank": launch.rank,
     "thread_multiple": MPI.Query_thread() == MPI.THREAD_MULTIPLE, "ranks": ranks,
-    "shared_memory_peers": local, "sum": comm.allreduce(comm.rank + 1)}), flush=True)
+    "shared_memory_peers": local, "sum": comm.allreduce(comm.rank + 1),
+    "rma": thd.rma_available()}), flush=True)
 sys.exit(0)

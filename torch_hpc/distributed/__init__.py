@@ -2,9 +2,9 @@
 Importing it registers the backend name; no MPI call happens until a process group is made."""
 from .backend import BACKEND, init, register
 from .launcher import LaunchInfo, detect_launcher
-from .mpi import MPIInitError, init_mpi, self_test
+from .mpi import MPIInitError, init_mpi, rma_available, self_test
 
 register()
 
 __all__ = ["BACKEND", "init", "register", "LaunchInfo", "detect_launcher", "init_mpi",
-           "self_test", "MPIInitError"]
+           "self_test", "rma_available", "MPIInitError"]

@@ -162,9 +162,23 @@ def _connect_world(MPI, launch: LaunchInfo, store, timeout):
     return comm
 
 
+_rma_error = None   # why one-sided windows are unavailable on the world, if they are
+
+
+def rma_available() -> bool:
+    """Whether the self-test could create an RMA window on the world communicator (with Open
+    MPI's torchrun join this needs a working UCX; collectives work either way)."""
+    return _world is not None and _rma_error is None
+
+
 def self_test(comm) -> None:
     """An allreduce and concurrent MPI_Accumulate on a fresh window must give exact answers:
-    some MPI configurations form a world that gives wrong ones (../shared/FACTS.md)."""
+    some MPI configurations form a world that gives wrong ones (../shared/FACTS.md). A window
+    that cannot be created at all is reported (warning, rma_available() False), not fatal:
+    collectives do not need one."""
+    global _rma_error
+    import warnings
+
     import numpy as np
     MPI = _mpi4py()
     n, rank, reps = comm.size, comm.rank, 50
@@ -172,7 +186,19 @@ def self_test(comm) -> None:
     if total != n * (n + 1) // 2:
         raise MPIInitError(f"torch_hpc: MPI self-test failed: allreduce gave {total}, "
                            f"expected {n * (n + 1) // 2}")
-    win = MPI.Win.Allocate(8 * n if rank == 0 else 0, 8, comm=comm)
+    try:
+        win = MPI.Win.Allocate(8 * n if rank == 0 else 0, 8, comm=comm)
+    except MPI.Exception as e:
+        _rma_error = str(e)
+    failed = comm.allreduce(int(_rma_error is not None), op=MPI.MAX)
+    if failed:
+        if _rma_error is None:
+            win.Free()
+            _rma_error = "a window could not be created on another rank"
+        warnings.warn(f"torch_hpc: MPI one-sided windows are unavailable on this communicator "
+                      f"({_rma_error}); collectives work, RMA-based features will refuse to run",
+                      RuntimeWarning, stacklevel=3)
+        return
     try:
         win.Lock_all()
         if rank == 0:
