@@ -11,5 +11,5 @@ from .nn import emulate_fp32  # noqa: E402
 from .ops import bmm, linear, matmul, mm, split  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["mm", "bmm", "matmul", "linear", "split", "nn", "emulate_fp32", "build_info",
+__all__ = ["mm", "bmm", "matmul", "linear", "split", "nn", "ops", "emulate_fp32", "build_info",
            "distributed"]
