@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash examples/setup_env.sh | tail -n 1)
 echo "== torch_hpc build: $("$PY" -c 'import torch_hpc, json; print(json.dumps(torch_hpc.build_info()))')"
-"$PY" benchmarks/gemm.py "$@"
+"$PY" benchmarks/gemm.py --out benchmarks/results/local "$@"
