@@ -64,7 +64,8 @@ def time_call(call, reps, comm, device):
             torch.cuda.synchronize()
         if i >= 2:  # two warm-up runs
             times.append(time.perf_counter() - t0)
-    return comm.allreduce(statistics.median(times), op=__import__("mpi4py").MPI.MAX)
+    from mpi4py import MPI
+    return comm.allreduce(statistics.median(times), op=MPI.MAX)
 
 
 def main():

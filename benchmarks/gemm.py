@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 import torch_hpc
@@ -127,7 +128,7 @@ def bench_shape(m, n, k, device, methods, jax_fns, reps, warmup, l2_bytes, seed)
                 continue
             import jax.numpy as jnp
             jsets = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in sets]
-            c = torch.from_numpy(__import__("numpy").asarray(jax_fns[name](*jsets[0]))).to(device)
+            c = torch.from_numpy(np.array(jax_fns[name](*jsets[0]))).to(device)
             seconds = time_jax(jax_fns[name], jsets, reps, warmup)
             del jsets
         else:

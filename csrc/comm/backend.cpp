@@ -241,9 +241,10 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
     work->ready_event->record(impl.getStream(*device));
     // The caching allocator must not hand these tensors' memory to others while the side
     // stream still uses it.
-    const c10::Stream side = impl.getStreamFromGlobalPool(*device);
+    work->side_stream = impl.getStreamFromGlobalPool(*device);
     for (const auto& t : tensors)
-      if (t.defined() && t.is_cuda()) impl.recordDataPtrOnStream(t.storage().data_ptr(), side);
+      if (t.defined() && t.is_cuda())
+        impl.recordDataPtrOnStream(t.storage().data_ptr(), *work->side_stream);
   }
   entry.work = work;
   entry.deadline = Clock::now() + op_timeout(timeout);
@@ -277,18 +278,16 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue_p2p(
 
 void BackendHPCMPI::run_entry(Entry& entry) {
   WorkHPCMPI& work = *entry.work;
-  std::optional<c10::Stream> side;
   std::optional<c10::StreamGuard> guard;
-  if (work.cuda_device()) {
-    side = cuda_guard_impl().getStreamFromGlobalPool(*work.cuda_device());
-    guard.emplace(*side);
-    work.ready_event->block(*side);
+  if (work.side_stream) {
+    guard.emplace(*work.side_stream);
+    work.ready_event->block(*work.side_stream);
   }
   if (entry.post) {
     entry.post(work, entry);
   } else {
     entry.run(work);
-    work.complete(side);
+    work.complete(work.side_stream);
   }
 }
 
@@ -302,14 +301,10 @@ void BackendHPCMPI::poll_pending() {
         ++it;
         continue;
       }
-      std::optional<c10::Stream> side;
       std::optional<c10::StreamGuard> guard;
-      if (it->work->cuda_device()) {
-        side = cuda_guard_impl().getStreamFromGlobalPool(*it->work->cuda_device());
-        guard.emplace(*side);
-      }
+      if (it->work->side_stream) guard.emplace(*it->work->side_stream);
       if (it->on_done) it->on_done(*it->work, status);
-      it->work->complete(side);
+      it->work->complete(it->work->side_stream);
     } catch (...) {
       it->work->fail(std::current_exception());
     }

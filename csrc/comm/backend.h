@@ -51,6 +51,9 @@ class WorkHPCMPI : public c10d::Work {
 
   // Recorded on the caller's stream at enqueue; the side stream waits for it.
   std::unique_ptr<c10::Event> ready_event;
+  // The one stream all of this work's copies run on (chosen at enqueue: the pool hands out a
+  // different stream on every request).
+  std::optional<c10::Stream> side_stream;
 
  private:
   std::string name_;

@@ -4,6 +4,7 @@ itself and prints 'RESULT {json}' with the failures it saw.
 
     python collectives_worker.py [cpu|cuda]
 """
+import json
 import math
 import sys
 import traceback
@@ -317,6 +318,6 @@ except Exception:
     failures.append(f"DDP: {traceback.format_exc(limit=3)}")
 dist.barrier()
 dist.destroy_process_group()
-print("RESULT " + __import__("json").dumps({"rank": RANK, "size": N, "device": str(DEVICE),
+print("RESULT " + json.dumps({"rank": RANK, "size": N, "device": str(DEVICE),
                                             "checks": checks, "failures": failures,
                                             "ddp_max_diff": ddp_diff}), flush=True)

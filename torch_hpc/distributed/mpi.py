@@ -9,6 +9,7 @@ import atexit
 import datetime
 import os
 import socket
+import sys
 import time
 
 from .launcher import LaunchInfo, detect_launcher
@@ -47,7 +48,7 @@ class MPIInitError(RuntimeError):
 
 def _mpi4py():
     import mpi4py
-    if "mpi4py.MPI" not in __import__("sys").modules:
+    if "mpi4py.MPI" not in sys.modules:
         mpi4py.rc.initialize = False  # MPI_Init waits until the world's environment is set
         mpi4py.rc.finalize = True     # MPI_Finalize at exit (mpirun kills ranks that skip it)
         mpi4py.rc.thread_level = "multiple"
