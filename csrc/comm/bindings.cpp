@@ -7,6 +7,7 @@
 
 #include "backend.h"
 #include "mpi_utils.h"
+#include "rma_exchange.h"
 
 namespace torch_hpc {
 namespace comm {
@@ -59,4 +60,35 @@ PYBIND11_MODULE(_comm, m) {
         "An hpc_mpi backend over a duplicate of the MPI communicator (Fortran handle).");
   m.def("shutdown_all", &tc::shutdown_all, py::call_guard<py::gil_scoped_release>());
   m.def("library_version", &tc::library_version);
+
+  using tc::RmaExchange;
+  py::class_<RmaExchange, std::shared_ptr<RmaExchange>>(
+      m, "RmaExchange", "A global fp32 vector sharded over MPI windows, and its asynchronous exchange.")
+      .def(py::init([](int64_t comm_handle, int64_t numel, bool progress_thread, int64_t interval_us) {
+             return std::make_shared<RmaExchange>(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)),
+                                                  numel, progress_thread, interval_us);
+           }),
+           py::arg("comm_handle"), py::arg("numel"), py::arg("progress_thread") = true,
+           py::arg("progress_interval_us") = 100, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("rank", &RmaExchange::rank)
+      .def_property_readonly("size", &RmaExchange::size)
+      .def_property_readonly("numel", &RmaExchange::numel)
+      .def_property_readonly("max_lead", &RmaExchange::max_lead)
+      .def_property_readonly("skipped", &RmaExchange::skipped)
+      .def_property_readonly("exchanges", &RmaExchange::exchanges)
+      .def_property_readonly("closed", &RmaExchange::closed)
+      .def("shard", [](const RmaExchange& x, int owner) {
+             return std::make_pair(x.shard_begin(owner), x.shard_end(owner));
+           })
+      .def("write", &RmaExchange::write, py::call_guard<py::gil_scoped_release>())
+      .def("read", [](RmaExchange& x, at::Tensor out) { x.wait(); x.read(out); },
+           py::call_guard<py::gil_scoped_release>())
+      .def("start", &RmaExchange::start, py::arg("delta"), py::arg("scale"), py::arg("out"),
+           py::arg("step"), py::arg("staleness") = -1, py::call_guard<py::gil_scoped_release>())
+      .def("wait", &RmaExchange::wait, py::call_guard<py::gil_scoped_release>())
+      .def("in_flight", &RmaExchange::in_flight)
+      .def("finish", &RmaExchange::finish, py::call_guard<py::gil_scoped_release>())
+      .def("counters", &RmaExchange::counters, py::call_guard<py::gil_scoped_release>())
+      .def("barrier", &RmaExchange::barrier, py::call_guard<py::gil_scoped_release>())
+      .def("close", &RmaExchange::close, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,222 @@
+"""Run under mpiexec or torchrun: the RMA exchange and DistributedOptimizer, checked by values
+the ranks compute. Prints 'RESULT {json}' per rank.
+
+    python optim_worker.py exact [--device cpu|cuda]      # concurrent accumulates lose nothing
+    python optim_worker.py progress SLEEP_S               # a sleeping rank does not stall others
+    python optim_worker.py equivalence [--device ...]     # sync == DDP on gloo; async s=0 == sync
+    python optim_worker.py errors                         # bad arguments raise clear errors
+    python optim_worker.py fail                           # rank 1 raises: the job must end
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torch_hpc
+from torch_hpc.distributed import rma
+from torch_hpc.optim import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
+
+p = argparse.ArgumentParser()
+p.add_argument("what", choices=["exact", "progress", "equivalence", "errors", "fail"])
+p.add_argument("sleep", nargs="?", type=float, default=10.0)
+p.add_argument("--device", default="cpu")
+args = p.parse_args()
+launch = torch_hpc.distributed.init("hpc_mpi")
+rank, world = launch.rank, launch.world_size
+device = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) \
+    if args.device == "cuda" else torch.device("cpu")
+report = {"rank": rank, "size": world}
+
+
+def exact():
+    """Every rank adds 100 integer-valued delta vectors of 1000 elements (10^5 element updates)
+    concurrently; totals stay below 2^24, so fp32 sums are exact."""
+    numel, steps = 1000, 100
+    x = rma.exchange(numel)
+    start = torch.arange(numel, dtype=torch.float32)
+    x.write(start)
+    out = torch.empty(numel)
+    for k in range(steps):
+        delta = ((torch.arange(numel) * (rank + 1) + k) % 7 - 3).float()
+        if k == 17:  # a poisoned delta is skipped, never added
+            delta[5] = float("nan")
+        x.start(delta, 1.0, out, k + 1, -1)
+        x.wait()
+    x.finish()
+    x.barrier()
+    x.read(out)
+    expected = start.double().clone()
+    for r in range(world):
+        for k in range(steps):
+            if k != 17:
+                expected += ((torch.arange(numel) * (r + 1) + k) % 7 - 3).double()
+    report.update(max_error=float((out.double() - expected).abs().max()), skipped=x.skipped,
+                  exchanges=x.exchanges, shard=list(x.shard(rank)))
+    rma.close(x)
+
+
+def progress():
+    """Rank 1 sleeps in Python without MPI calls; the others run 100 exchanges against its
+    shard. On waking, rank 1 reads everyone's step counters: the order of events, not a timer."""
+    numel, steps = 4096, 100
+    x = rma.exchange(numel)
+    x.write(torch.zeros(numel))
+    out = torch.empty(numel)
+    if rank == 1:
+        time.sleep(args.sleep)
+        counters = x.counters()  # [accumulated_0, completed_0, ...]
+        report["completed_before_wake"] = [counters[2 * r + 1] for r in range(world) if r != 1]
+    else:
+        t0 = time.perf_counter()
+        ones = torch.ones(numel)
+        for k in range(steps):
+            x.start(ones, 1.0, out, k + 1, -1)
+            x.wait()
+        report["seconds"] = time.perf_counter() - t0
+    x.finish()
+    x.barrier()
+    x.read(out)
+    report["total"] = float(out[0])
+    report["expected"] = float(steps * (world - 1))
+    rma.close(x)
+
+
+def model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(device)
+    g = torch.Generator().manual_seed(100 + rank)
+    xs = torch.randn(8, 16, 16, generator=g).to(device)
+    ys = torch.randint(0, 4, (8, 16), generator=g).to(device)
+    return model, xs, ys
+
+
+def train(opt_factory, steps=8):
+    model, xs, ys = model_and_data()
+    opt = opt_factory(model)
+    for k in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(xs[k % 8]), ys[k % 8]).backward()
+        opt.step()
+    if isinstance(opt, DistributedOptimizer):
+        opt.synchronize()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().cpu()
+    if isinstance(opt, DistributedOptimizer):
+        report.setdefault("max_staleness_seen", {})[f"{opt.mode}-{opt.staleness}"] = opt.max_staleness_seen
+        opt.close()
+    return flat
+
+
+def equivalence():
+    gloo = dist.new_group(backend="gloo")
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+
+    reference_model, xs, ys = model_and_data()
+    wrapped = nn.parallel.DistributedDataParallel(reference_model, process_group=gloo)
+    opt = sgd(reference_model)
+    for k in range(8):
+        opt.zero_grad()
+        F.cross_entropy(wrapped(xs[k % 8]), ys[k % 8]).backward()
+        opt.step()
+    reference = torch.cat([q.detach().reshape(-1) for q in reference_model.parameters()]).double().cpu()
+    sync = train(lambda m: DistributedOptimizer(sgd(m), m.named_parameters(), mode="sync"))
+    sync_bucketed = train(lambda m: DistributedOptimizer(sgd(m), m.named_parameters(), mode="sync",
+                                                         bucket_cap_mb=0.001))
+    fp16 = train(lambda m: DistributedOptimizer(sgd(m), m.named_parameters(), mode="sync",
+                                                compression="fp16"))
+    s0 = train(lambda m: DistributedOptimizer(sgd(m), m.named_parameters(), mode="async", staleness=0))
+    plain_sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    s0_plain = train(lambda m: DistributedOptimizer(plain_sgd(m), m.named_parameters(),
+                                                    mode="async", staleness=0))
+    sync_plain = train(lambda m: DistributedOptimizer(plain_sgd(m), m.named_parameters(), mode="sync"))
+    unbounded = train(lambda m: DistributedOptimizer(sgd(m), m.named_parameters(), mode="async"))
+    report.update(
+        sync_vs_ddp=float((sync - reference).abs().max()),
+        bucketed_vs_ddp=float((sync_bucketed - reference).abs().max()),
+        fp16_vs_ddp=float((fp16 - reference).abs().max()),
+        async_s0_vs_sync_sgd=float((s0_plain - sync_plain).abs().max()),
+        async_s0_momentum_vs_ddp=float((s0 - reference).abs().max()),
+        async_moved=float((unbounded - reference).abs().max()),
+        async_finite=bool(torch.isfinite(unbounded).all()),
+        checksum=float(sync.sum()), async_checksum=float(unbounded.sum()))
+    # Optimizer state broadcast: rank 0's moments reach everyone.
+    model, _, _ = model_and_data(seed=rank)
+    broadcast_parameters(model.state_dict(), root_rank=0)
+    inner = torch.optim.Adam(model.parameters())
+    if rank == 0:
+        model(torch.ones(2, 16, device=device)).sum().backward()
+        inner.step()
+    broadcast_optimizer_state(inner, root_rank=0)
+    exp_avg = inner.state[next(iter(model.parameters()))]["exp_avg"]
+    report["state_checksum"] = float(exp_avg.double().sum())
+
+
+def expect_error(kind, fragment, fn):
+    try:
+        fn()
+    except kind as e:
+        if fragment not in str(e):
+            report.setdefault("failures", []).append(f"{fragment!r} not in {e}")
+        return
+    report.setdefault("failures", []).append(f"no {kind.__name__} for {fragment!r}")
+
+
+def errors():
+    """Bad arguments raise clear errors on every rank; nothing is half-built."""
+    report["failures"] = []
+    model, _, _ = model_and_data()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    named = list(model.named_parameters())
+    D = DistributedOptimizer
+    expect_error(ValueError, "mode must be 'sync' or 'async'", lambda: D(sgd, named, mode="fast"))
+    expect_error(ValueError, "staleness must be None", lambda: D(sgd, named, mode="sync", staleness=1))
+    expect_error(ValueError, "staleness must be None", lambda: D(sgd, named, mode="async", staleness=-1))
+    expect_error(ValueError, "compression must be", lambda: D(sgd, named, compression="int8"))
+    expect_error(ValueError, "op must be", lambda: D(sgd, named, op="max"))
+    expect_error(ValueError, "backward_passes_per_step", lambda: D(sgd, named, backward_passes_per_step=0))
+    expect_error(TypeError, "must be a torch.optim.Optimizer", lambda: D(model, named))
+    expect_error(ValueError, "not in named_parameters", lambda: D(sgd, named[:1]))
+    opt = D(sgd, named, mode="async")
+    other, _, _ = model_and_data()
+    other_opt = D(torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1), mode="async")
+    expect_error(ValueError, "different model", lambda: opt.load_state_dict(other_opt.state_dict()))
+    expect_error(ValueError, "not a DistributedOptimizer state_dict",
+                 lambda: opt.load_state_dict(sgd.state_dict()))
+    x = rma.exchange(10)
+    expect_error(ValueError, "contiguous CPU float32 tensor of 10 elements",
+                 lambda: x.start(torch.zeros(9), 1.0, torch.zeros(10), 1, -1))
+    expect_error(ValueError, "contiguous CPU float32 tensor of 10 elements",
+                 lambda: x.start(torch.zeros(10, dtype=torch.float64), 1.0, torch.zeros(10), 1, -1))
+    expect_error(ValueError, "contiguous CPU float32 tensor of 10 elements",
+                 lambda: x.read(torch.zeros(20)[::2]))
+    for o in (opt, other_opt):
+        o.close()
+    rma.close(x)
+    expect_error(RuntimeError, "after close()", lambda: x.start(torch.zeros(10), 1.0, torch.zeros(10), 1, -1))
+    report["checks"] = 15
+
+
+def fail():
+    """Rank 1 raises in the middle of asynchronous training; the others would wait for it
+    forever at synchronize() unless the job ends."""
+    model, xs, ys = model_and_data()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                               mode="async", staleness=1)
+    for k in range(10 ** 6):
+        opt.zero_grad()
+        F.cross_entropy(model(xs[k % 8]), ys[k % 8]).backward()
+        opt.step()
+        if rank == 1 and k == 20:
+            raise RuntimeError("planted failure on rank 1")
+        if k == 200:
+            break
+    opt.synchronize()
+
+
+{"exact": exact, "progress": progress, "equivalence": equivalence, "errors": errors,
+ "fail": fail}[args.what]()
+print("RESULT " + json.dumps(report), flush=True)
+dist.destroy_process_group()

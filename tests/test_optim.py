@@ -1,0 +1,162 @@
+"""The RMA exchange and DistributedOptimizer under real launchers: exactness of concurrent
+accumulates, one-sided progress, equivalence with DDP and synchronous SGD, convergence on the
+digits data, bounded staleness, checkpoints and failures that end the job."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_hpc
+from launchers import mpich_family, mpiexec_command, parse_reports, run_workers, torchrun_command, \
+    torchrun_supported
+
+pytestmark = pytest.mark.skipif(not torch_hpc.build_info().get("mpi"),
+                                reason="torch_hpc was built without MPI")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+
+
+def _ok(proc, reports, n):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stderr[-3000:]
+
+
+def test_concurrent_accumulates_lose_nothing():
+    proc, reports = run_workers("mpiexec", 4, "optim_worker.py", "exact", timeout=120)
+    _ok(proc, reports, 4)
+    for r in reports:
+        assert r["max_error"] == 0.0
+        assert r["skipped"] == 1 and r["exchanges"] == 100  # the NaN delta was not sent
+
+
+# A transport that needs the target's progress: MPICH's network module for local ranks too.
+_NETMOD = {"MPIR_CVAR_NOLOCAL": "1"}
+
+
+@pytest.mark.parametrize("transport", ["default", "netmod"])
+def test_sleeping_rank_does_not_stall_others(transport):
+    if transport == "netmod" and not mpich_family():
+        pytest.skip("the netmod-only control uses MPICH's MPIR_CVAR_NOLOCAL")
+    env = _NETMOD if transport == "netmod" else {}
+    proc, reports = run_workers("mpiexec", 3, "optim_worker.py", "progress", 10, timeout=120, env=env)
+    _ok(proc, reports, 3)
+    sleeper = next(r for r in reports if r["rank"] == 1)
+    assert all(c >= 100 for c in sleeper["completed_before_wake"]), sleeper  # done while it slept
+    assert all(r["total"] == r["expected"] for r in reports)
+
+
+def test_without_progress_thread_a_sleeping_target_stalls_netmod():
+    """Negative control: the same test over MPICH's network module, progress thread off,
+    stalls until the sleeper wakes (MPICH's shared-memory path needs no target progress)."""
+    if not mpich_family():
+        pytest.skip("the netmod-only control uses MPICH's MPIR_CVAR_NOLOCAL")
+    env = dict(_NETMOD, TORCH_HPC_PROGRESS_THREAD="0")
+    proc, reports = run_workers("mpiexec", 3, "optim_worker.py", "progress", 4, timeout=120, env=env)
+    _ok(proc, reports, 3)
+    sleeper = next(r for r in reports if r["rank"] == 1)
+    assert any(c < 100 for c in sleeper["completed_before_wake"]), sleeper
+    assert all(r["total"] == r["expected"] for r in reports)
+
+
+@pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2)])
+def test_equivalence_with_ddp_and_sync_sgd(launcher, n):
+    if launcher == "torchrun" and not torchrun_supported():
+        pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
+    proc, reports = run_workers(launcher, n, "optim_worker.py", "equivalence", timeout=180)
+    _ok(proc, reports, n)
+    for r in reports:
+        assert r["sync_vs_ddp"] <= 1e-6 and r["bucketed_vs_ddp"] <= 1e-6
+        assert r["fp16_vs_ddp"] <= 1e-3
+        assert r["async_s0_vs_sync_sgd"] <= 1e-5 and r["async_s0_momentum_vs_ddp"] <= 1e-5
+        assert r["async_finite"] and r["async_moved"] < 0.1
+        assert r["max_staleness_seen"]["async-0"] == 0
+    for key in ("checksum", "async_checksum", "state_checksum"):
+        assert len({r[key] for r in reports}) == 1, key  # every rank ends equal
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_equivalence_cuda():
+    proc, reports = run_workers("mpiexec", 2, "optim_worker.py", "equivalence", "--device", "cuda",
+                                timeout=180)
+    _ok(proc, reports, 2)
+    for r in reports:
+        assert r["sync_vs_ddp"] <= 1e-6 and r["async_s0_vs_sync_sgd"] <= 1e-5
+
+
+def test_bad_arguments_raise_clear_errors():
+    proc, reports = run_workers("mpiexec", 2, "optim_worker.py", "errors", timeout=120)
+    _ok(proc, reports, 2)
+    for r in reports:
+        assert not r["failures"], r["failures"]
+        assert r["checks"] >= 15
+
+
+def test_exception_on_one_rank_ends_async_job():
+    start = time.monotonic()
+    proc, _ = run_workers("mpiexec", 2, "optim_worker.py", "fail", timeout=90)
+    assert proc.returncode != 0 and "planted failure on rank 1" in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def run_example(n, *args, launcher="mpiexec", timeout=300, env=None):
+    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(base + [str(EXAMPLE), "--quiet", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = parse_reports(proc.stdout)
+    assert len(reports) == 1, proc.stdout[-2000:]
+    return reports[0]
+
+
+def _same_final_parameters(report):
+    assert len({r["checksum"] for r in report["ranks"]}) == 1, report["ranks"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_digits_converges_on_four_ranks(mode):
+    report = run_example(4, "--mode", mode, "--steps", 300)
+    assert report["final_accuracy"] >= 0.95, report
+    _same_final_parameters(report)
+    assert all(r["skipped_updates"] == 0 for r in report["ranks"])
+
+
+def test_digits_under_torchrun():
+    if not torchrun_supported():
+        pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
+    report = run_example(2, "--mode", "async", "--steps", 200, launcher="torchrun")
+    assert report["launcher"] == "torchrun" and report["final_accuracy"] >= 0.95, report
+    _same_final_parameters(report)
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_staleness_bound_holds_with_a_straggler(staleness):
+    report = run_example(4, "--mode", "async", "--staleness", staleness, "--straggler", "1:3",
+                         "--steps", 80)
+    leads = [r["max_staleness_seen"] for r in report["ranks"]]
+    assert max(leads) <= staleness, leads
+    _same_final_parameters(report)
+
+
+def test_checkpoint_resume_continues_the_loss(tmp_path):
+    ck = tmp_path / "digits.pt"
+    first = run_example(4, "--mode", "async", "--steps", 150, "--checkpoint", ck, "--eval-every", 50)
+    initial = sum(r["first_losses"][0] for r in first["ranks"]) / 4
+    ended = sum(sum(r["last_losses"]) / 5 for r in first["ranks"]) / 4
+    resumed = run_example(4, "--mode", "async", "--steps", 20, "--resume", ck, "--seed", 1)
+    restart = sum(sum(r["first_losses"]) / 5 for r in resumed["ranks"]) / 4
+    assert resumed["start_step"] == 150
+    assert restart < 0.2 * initial and restart < ended + 0.2, (initial, ended, restart)
+    assert resumed["final_accuracy"] >= 0.95
+    # Another world size: the global copy is resharded.
+    two = run_example(2, "--mode", "sync", "--steps", 5, "--resume", ck)
+    assert two["final_accuracy"] >= 0.95
+    # Another model: refused.
+    base = mpiexec_command(2) + [sys.executable]
+    proc = subprocess.run(base + [str(EXAMPLE), "--quiet", "--width", "128", "--resume", str(ck)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0 and "checkpoint is of a different model" in proc.stderr

@@ -1,0 +1,84 @@
+"""Global fp32 vectors in MPI one-sided windows (see csrc/comm/rma_exchange.h).
+
+Windows are freed collectively (MPI_Win_free): every rank must close them in the same order.
+Those still open at interpreter exit are closed there, in creation order, before MPI_Finalize.
+"""
+import atexit
+import os
+import sys
+import threading
+
+_open = []          # exchanges not closed yet, in creation order
+_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _close_all():
+    with _lock:
+        pending = list(_open)
+        _open.clear()
+    for x in pending:
+        x.close()
+
+
+def _abort_on_uncaught_exception():
+    """An uncaught exception on one rank must end the job: its peers would otherwise wait for it
+    in a staleness gate or in the collective MPI_Win_free forever. Prints the traceback, then
+    MPI_Abort (mpirun and torchrun then stop every rank)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        if issubclass(kind, (KeyboardInterrupt, SystemExit)) and not _open:
+            return
+        try:
+            sys.stderr.flush()
+            from mpi4py import MPI
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.COMM_WORLD.Abort(1)
+        finally:
+            os._exit(1)
+
+    sys.excepthook = hook
+
+
+def progress_thread_default() -> bool:
+    """TORCH_HPC_PROGRESS_THREAD=0 turns the progress thread off (for experiments only)."""
+    return os.environ.get("TORCH_HPC_PROGRESS_THREAD", "1") not in ("0", "false", "False")
+
+
+def exchange(numel: int, comm=None, progress_thread: bool | None = None,
+             progress_interval_us: int | None = None):
+    """A new global vector of `numel` fp32 values sharded over `comm` (default: the MPI world
+    torch_hpc formed, see init_mpi). Collective. Returns torch_hpc._comm.RmaExchange."""
+    global _hooks_installed
+    from .backend import _comm_module
+    from .mpi import _rma_error, init_mpi, rma_available
+    if comm is None:
+        comm = init_mpi()
+        if not rma_available():
+            raise RuntimeError(
+                "torch_hpc: MPI one-sided windows are unavailable on this MPI world "
+                f"({_rma_error}); the asynchronous exchange needs them. Launch with mpirun/mpiexec, "
+                "or use an MPICH-family MPI under torchrun")
+    if progress_thread is None:
+        progress_thread = progress_thread_default()
+    if progress_interval_us is None:
+        progress_interval_us = int(os.environ.get("TORCH_HPC_PROGRESS_US", "100"))
+    x = _comm_module().RmaExchange(comm.py2f(), int(numel), bool(progress_thread),
+                                   int(progress_interval_us))
+    with _lock:
+        _open.append(x)
+        if not _hooks_installed:
+            atexit.register(_close_all)  # runs before mpi4py's MPI_Finalize (registered earlier)
+            _abort_on_uncaught_exception()
+            _hooks_installed = True
+    return x
+
+
+def close(x) -> None:
+    """Collective: frees x's windows (every rank, same order)."""
+    with _lock:
+        if x in _open:
+            _open.remove(x)
+    x.close()
