@@ -2,7 +2,8 @@
 # One device call: build, tests, sanitizer, SASS, benchmarks. Logs go to ${OUT:-.out}.
 #   bash benchmarks/gpu_check.sh [gemm benchmark args...]
 #   PARTS="gemm comm" selects what runs (default both): gemm = GEMM tests, memcheck, SASS and
-#   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py.
+#   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py;
+#   optim = DistributedOptimizer tests (CUDA model too); train = benchmarks/train.py.
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
@@ -41,4 +42,12 @@ if [[ " $PARTS " == *" comm "* ]]; then
   for dev in cpu cuda; do
     timeout 300 "${MPIEXEC[@]}" $PY benchmarks/comm.py --device $dev --out "$OUT" 2>/dev/null | tee "$OUT/comm-$dev.log" | tail -4
   done
+fi
+
+if [[ " $PARTS " == *" optim "* ]]; then
+  $PY -m pytest tests/test_optim.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-optim.log" | tail -15
+fi
+
+if [[ " $PARTS " == *" train "* ]]; then
+  timeout 900 $PY benchmarks/train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log" | tail -14
 fi

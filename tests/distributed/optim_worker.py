@@ -180,7 +180,6 @@ def errors():
     expect_error(TypeError, "must be a torch.optim.Optimizer", lambda: D(model, named))
     expect_error(ValueError, "not in named_parameters", lambda: D(sgd, named[:1]))
     opt = D(sgd, named, mode="async")
-    other, _, _ = model_and_data()
     other_opt = D(torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1), mode="async")
     expect_error(ValueError, "different model", lambda: opt.load_state_dict(other_opt.state_dict()))
     expect_error(ValueError, "not a DistributedOptimizer state_dict",

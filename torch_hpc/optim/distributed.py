@@ -1,7 +1,6 @@
 """DistributedOptimizer: synchronous (bucketed allreduce) or asynchronous (MPI RMA) data
 parallelism around any torch.optim optimizer. Horovod's API, torch_hpc's transport."""
 import collections
-import math
 
 import torch
 import torch.distributed as dist
