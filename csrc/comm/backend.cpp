@@ -6,6 +6,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
+#include <sched.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
@@ -24,12 +26,17 @@ c10::impl::VirtualGuardImpl& cuda_guard_impl() {
 
 // Both handoffs (caller -> worker, worker -> caller) spin a little before sleeping on a
 // condition variable: a futex wake-up costs tens of microseconds per collective. Spinning only
-// pays where cores are spare (default: 50 us with >= 8 hardware threads, else none);
-// TORCH_HPC_SPIN_US overrides.
+// pays where cores are spare: default 50 us when this process may run on >= 4 CPUs (mpirun's
+// default binding of a rank to one core makes the spinning thread steal the worker's core),
+// else none; TORCH_HPC_SPIN_US overrides.
 std::chrono::microseconds spin_time() {
   static const std::chrono::microseconds spin = [] {
     if (const char* env = std::getenv("TORCH_HPC_SPIN_US")) return std::chrono::microseconds(std::atoi(env));
-    return std::chrono::microseconds(std::thread::hardware_concurrency() >= 8 ? 50 : 0);
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    const int cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0 ? CPU_COUNT(&allowed)
+                                                                           : static_cast<int>(std::thread::hardware_concurrency());
+    return std::chrono::microseconds(cpus >= 4 ? 50 : 0);
   }();
   return spin;
 }

@@ -69,7 +69,7 @@ PYBIND11_MODULE(_comm, m) {
                                                   numel, progress_thread, interval_us);
            }),
            py::arg("comm_handle"), py::arg("numel"), py::arg("progress_thread") = true,
-           py::arg("progress_interval_us") = 100, py::call_guard<py::gil_scoped_release>())
+           py::arg("progress_interval_us") = 500, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &RmaExchange::rank)
       .def_property_readonly("size", &RmaExchange::size)
       .def_property_readonly("numel", &RmaExchange::numel)

@@ -102,7 +102,7 @@ class RmaExchange {
 
   std::thread exchange_thread_;
   std::thread progress_thread_;
-  std::chrono::microseconds progress_interval_{100};
+  std::chrono::microseconds progress_interval_{500};
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::optional<Job> job_;

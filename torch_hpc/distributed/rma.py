@@ -64,7 +64,7 @@ def exchange(numel: int, comm=None, progress_thread: bool | None = None,
     if progress_thread is None:
         progress_thread = progress_thread_default()
     if progress_interval_us is None:
-        progress_interval_us = int(os.environ.get("TORCH_HPC_PROGRESS_US", "100"))
+        progress_interval_us = int(os.environ.get("TORCH_HPC_PROGRESS_US", "500"))
     x = _comm_module().RmaExchange(comm.py2f(), int(numel), bool(progress_thread),
                                    int(progress_interval_us))
     with _lock:
