@@ -1,0 +1,141 @@
+"""torch_hpc.fp32_emulation: routing, counting, nesting, autograd, accuracy against fp64,
+torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_hpc
+from helpers import DEVICES, fp32_reference_product, randn
+
+
+def _mode(device, enabled=True):
+    return torch_hpc.fp32_emulation(enabled, cpu=device == "cpu")
+
+
+def _every_routed_call(a, b, c, x3, y3, w, bias):
+    return [torch.mm(a, b), a.mm(b), a @ b, torch.matmul(a, b), a.matmul(b), torch.bmm(x3, y3),
+            x3.bmm(y3), x3 @ y3, torch.addmm(c, a, b), torch.addmm(c, a, b, beta=0.5, alpha=2.0),
+            c.addmm(a, b), torch.baddbmm(c.expand(2, *c.shape), x3, y3, beta=0, alpha=3.0),
+            F.linear(a, w, bias), F.linear(a, w)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_function_is_routed_and_counted(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+    a, b, c, x3, y3, w, bias = r(9, 70), r(70, 5), r(9, 5), r(2, 9, 70), r(2, 70, 5), r(5, 70), r(5)
+    with _mode(device) as mode:
+        got = _every_routed_call(a, b, c, x3, y3, w, bias)
+    assert dict(mode.calls) == {"mm": 2, "matmul": 4, "bmm": 2, "addmm": 3, "baddbmm": 1, "linear": 2}
+    want = _every_routed_call(*(t.double() for t in (a, b, c, x3, y3, w, bias)))
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert x.dtype == torch.float32 and x.shape == y.shape, i
+        assert ((x.double() - y).norm() / y.norm()).item() < 1e-6, i
+    assert torch.equal(got[0], torch_hpc.mm(a, b))  # the emulated kernel, not torch.mm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_dtypes_out_and_autocast_pass_through(device):
+    a, b = randn(8, 16, device=device), randn(16, 4, device=device, seed=1)
+    with _mode(device) as mode:
+        torch.mm(a.double(), b.double())
+        if device == "cuda":
+            torch.mm(a.half(), b.half())
+        out = torch.empty(8, 4, device=device)
+        torch.mm(a, b, out=out)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            torch.mm(a, b)
+    assert sum(mode.calls.values()) == 0
+
+
+def test_cpu_is_routed_only_when_asked():
+    a, b = randn(8, 16), randn(16, 4, seed=1)
+    with torch_hpc.fp32_emulation() as mode:
+        torch.mm(a, b)
+    assert sum(mode.calls.values()) == 0
+    with torch_hpc.fp32_emulation(cpu=True) as mode:
+        torch.mm(a, b)
+    assert mode.calls["mm"] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nesting_and_turning_off_inside(device):
+    a, b = randn(8, 16, device=device), randn(16, 4, device=device, seed=1)
+    assert not torch_hpc.is_fp32_emulation_enabled()
+    with _mode(device) as outer:
+        torch.mm(a, b)
+        with _mode(device, enabled=False) as off:
+            assert not torch_hpc.is_fp32_emulation_enabled()
+            plain = torch.mm(a, b)
+            with _mode(device) as inner:
+                torch.mm(a, b)
+        assert torch_hpc.is_fp32_emulation_enabled()
+        torch.mm(a, b)
+    assert not torch_hpc.is_fp32_emulation_enabled()
+    assert outer.calls["mm"] == 2 and inner.calls["mm"] == 1 and sum(off.calls.values()) == 0
+    assert torch.equal(plain, fp32_reference_product(a, b)) or device == "cpu"
+
+    @torch_hpc.fp32_emulation(cpu=True)
+    def decorated(x, y):
+        return torch_hpc.is_fp32_emulation_enabled()
+    assert decorated(a, b) and not torch_hpc.is_fp32_emulation_enabled()
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.Tanh(),
+                         nn.Linear(256, 64))
+
+
+def _forward_backward(model, x):
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], device=x.device, dtype=x.dtype)).sum()
+    model.zero_grad()
+    loss.backward()
+    return [out.detach()] + [p.grad.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_forward_backward_at_least_as_close_to_fp64_as_fp32(device):
+    """Layers with K >= 64: the mode's forward and gradients are within fp64 as closely as plain
+    fp32 (TF32 off) is, tensor by tensor."""
+    model = _model(0).to(device)
+    x = randn(128, 256, device=device, seed=3)
+    ref = _forward_backward(_model(0).to(device).double(), x.double())
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        plain = _forward_backward(model, x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    with _mode(device) as mode:
+        emulated = _forward_backward(model, x)
+    assert dict(mode.calls) == {"linear": 3}  # the backward products come from the op's autograd
+    err = lambda t, r: ((t.double() - r).norm() / r.norm()).item()  # noqa: E731
+    for i, (e, p, r) in enumerate(zip(emulated, plain, ref)):
+        assert err(e, r) <= max(err(p, r), 1e-7) * 1.05, (i, err(e, r), err(p, r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward(device):
+    a = randn(6, 70, device=device).requires_grad_()
+    b = randn(70, 5, device=device, seed=1)
+    with _mode(device):
+        (g,) = torch.autograd.grad((a @ b).pow(2).sum(), a, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), a)
+    a64, b64 = a.detach().double().requires_grad_(), b.double()
+    (g64,) = torch.autograd.grad((a64 @ b64).pow(2).sum(), a64, create_graph=True)
+    (gg64,) = torch.autograd.grad(g64.sum(), a64)
+    assert ((gg.double() - gg64).norm() / gg64.norm()).item() < 1e-5
+
+
+def test_torch_compile_traces_into_the_custom_op():
+    a, b = randn(32, 64), randn(64, 16, seed=1)
+
+    def f(x, y):
+        return torch.relu(x @ y) + 1
+
+    with torch_hpc.fp32_emulation(cpu=True):
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(a, b)
+    assert torch.equal(compiled, torch.relu(torch_hpc.mm(a, b)) + 1)
