@@ -12,3 +12,40 @@ def test_tf32_vs_emulated_shows_tf32_failing(tmp_path):
     assert end["torch_hpc"] <= 2 * end["fp32"] + 1e-7, end
     assert end["tf32"] > 100 * end["torch_hpc"] and end["bf16"] > end["tf32"], end
     assert (tmp_path / "tf32_vs_emulated-cpu.png").exists()
+
+
+def _run(launcher, n, script, *args, timeout=300):
+    import os
+    import subprocess
+
+    import pytest
+
+    import torch_hpc
+    from launchers import mpiexec_command, parse_reports, torchrun_command, torchrun_supported
+    if not torch_hpc.build_info().get("mpi"):
+        pytest.skip("torch_hpc was built without MPI")
+    if launcher == "torchrun" and not torchrun_supported():
+        pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
+    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    proc = subprocess.run(base + [str(path), "--quiet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (report,) = parse_reports(proc.stdout)
+    return report
+
+
+def test_insitu_superres_network_beats_plain_dct(tmp_path):
+    report = _run("mpiexec", 2, "insitu_superres.py", "--steps", 100, "--out", tmp_path)
+    assert report["mean_network_error"] < 0.95 * report["mean_dct_error"], report
+    assert (tmp_path / "insitu_superres.png").exists()
+
+
+def test_insitu_superres_under_torchrun_sync(tmp_path):
+    report = _run("torchrun", 2, "insitu_superres.py", "--steps", 60, "--mode", "sync", "--out", tmp_path)
+    assert report["launcher"] == "torchrun" and report["mean_network_error"] < report["mean_dct_error"]
+
+
+def test_train_digits_with_emulated_fp32():
+    report = _run("mpiexec", 2, "train_digits.py", "--mode", "sync", "--steps", 150, "--emulate-fp32")
+    assert report["emulate_fp32"] and report["final_accuracy"] >= 0.95
