@@ -142,6 +142,29 @@ def equivalence():
         async_moved=float((unbounded - reference).abs().max()),
         async_finite=bool(torch.isfinite(unbounded).all()),
         checksum=float(sync.sum()), async_checksum=float(unbounded.sum()))
+    # LR scheduler, clipping after synchronize(), GradScaler: the torch.optim surface works.
+    for mode in ("sync", "async"):
+        model, xs, ys = model_and_data()
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                   mode=mode)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10)
+        for k in range(4):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(xs[k]), ys[k])).backward()
+            if mode == "sync":
+                opt.synchronize()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        opt.synchronize()
+        flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).double().cpu()
+        report[f"{mode}_surface_lr"] = opt.optimizer.param_groups[0]["lr"]
+        report[f"{mode}_surface_checksum"] = float(flat.sum())
+        report[f"{mode}_surface_finite"] = bool(torch.isfinite(flat).all())
+        opt.close()
     # Optimizer state broadcast: rank 0's moments reach everyone.
     model, _, _ = model_and_data(seed=rank)
     broadcast_parameters(model.state_dict(), root_rank=0)
