@@ -1,5 +1,8 @@
 """Accuracy and semantics of torch_hpc.mm / bmm / matmul / linear against fp64 references."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +305,26 @@ def test_accuracy_does_not_depend_on_magnitude_cpu():
         scaled = torch_hpc.mm(torch.ldexp(a, torch.tensor(s)), b)
         assert torch.equal(torch.ldexp(scaled, torch.tensor(-s)), base)
     assert math.isfinite(base.sum().item())
+
+
+@requires_cuda
+def test_small_grids_fall_back_to_sgemm_without_tf32():
+    code = """
+import torch, torch_hpc
+torch.backends.cuda.matmul.allow_tf32 = True
+g = torch.Generator(device="cuda").manual_seed(0)
+a = torch.randn(64, 1024, device="cuda", generator=g); b = torch.randn(1024, 512, device="cuda", generator=g)
+c = torch_hpc.mm(a, b)
+tf32_left_on = torch.backends.cuda.matmul.allow_tf32
+torch.backends.cuda.matmul.allow_tf32 = False
+print(int(torch.equal(c, a @ b)), int(tf32_left_on))
+"""
+    out = {}
+    for setting in ("1", "0"):
+        env = dict(os.environ, TORCH_HPC_SGEMM_FALLBACK=setting)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[setting] = proc.stdout.split()
+    assert out["1"] == ["1", "1"]  # cuBLAS SGEMM, TF32 off for it and restored after
+    assert out["0"][0] == "0"      # the emulation kernel
