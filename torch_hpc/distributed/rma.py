@@ -7,6 +7,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 
 _open = []          # exchanges not closed yet, in creation order
 _lock = threading.Lock()
@@ -29,10 +30,9 @@ def _abort_on_uncaught_exception():
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
-        if issubclass(kind, (KeyboardInterrupt, SystemExit)) and not _open:
-            return
         try:
             sys.stderr.flush()
+            time.sleep(0.5)  # the launcher forwards this rank's output before the abort kills it
             from mpi4py import MPI
             if MPI.Is_initialized() and not MPI.Is_finalized():
                 MPI.COMM_WORLD.Abort(1)
