@@ -1,0 +1,118 @@
+"""End-to-end: a 4-layer MLP trained under torch_hpc.fp32_emulation vs plain fp32 (TF32 off).
+
+    python benchmarks/mlp.py                       # hidden 8192, batch 8192, 50 steps, 3 seeds (GPU)
+    python benchmarks/mlp.py --hidden 64 --batch 64 --steps 5 --device cpu   # smoke test
+
+Times forward+backward+step per step (median over the steps after 3 warm-up steps), records the
+loss curves of every seed in both precisions, and checks that the emulated curve stays within
+the spread of the fp32 curves (widened by the spread of the emulated ones). Table + JSON + PNG.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import torch_hpc
+
+
+def model_for(hidden, seed, device):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(4):
+        layers += [nn.Linear(hidden, hidden)] + ([nn.GELU()] if i < 3 else [])
+    return nn.Sequential(*layers).to(device)
+
+
+def data_for(hidden, batch, device):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    x = torch.randn(batch, hidden, generator=g)
+    teacher = torch.randn(hidden, hidden, generator=g) / hidden ** 0.5
+    y = torch.tanh(x @ teacher)
+    return x.to(device), y.to(device)
+
+
+def train(precision, args, seed, device, x, y):
+    model = model_for(args.hidden, seed, device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    losses, times = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        with torch_hpc.fp32_emulation(precision == "emulated", cpu=device.type == "cpu"):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return losses, statistics.median(times[3:] if len(times) > 3 else times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, y = data_for(args.hidden, args.batch, device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# 4-layer MLP, hidden {args.hidden}, batch {args.batch}, {args.steps} steps x "
+          f"{args.seeds} seeds on {card}, {datetime.date.today()}", flush=True)
+    curves, step_seconds = {"fp32": [], "emulated": []}, {"fp32": [], "emulated": []}
+    for seed in range(args.seeds):
+        for precision in ("fp32", "emulated"):
+            losses, seconds = train(precision, args, seed, device, x, y)
+            curves[precision].append(losses)
+            step_seconds[precision].append(seconds)
+            print(f"  seed {seed} {precision:8s}: {seconds * 1e3:8.2f} ms/step, loss "
+                  f"{losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    fp32_s, emu_s = statistics.median(step_seconds["fp32"]), statistics.median(step_seconds["emulated"])
+    spread = lambda runs, i: (min(r[i] for r in runs), max(r[i] for r in runs))  # noqa: E731
+    outside = 0
+    for i in range(args.steps):
+        lo32, hi32 = spread(curves["fp32"], i)
+        lo_e, hi_e = spread(curves["emulated"], i)
+        width = max(hi32 - lo32, hi_e - lo_e, 1e-7 * abs(hi32))
+        outside += any(v < lo32 - width or v > hi32 + width for r in curves["emulated"] for v in [r[i]])
+    summary = {"speedup": fp32_s / emu_s, "fp32_ms_per_step": fp32_s * 1e3,
+               "emulated_ms_per_step": emu_s * 1e3, "steps_outside_fp32_spread": outside}
+    print(f"\nforward+backward+step: fp32 {fp32_s * 1e3:.2f} ms, emulated {emu_s * 1e3:.2f} ms "
+          f"({summary['speedup']:.2f}x); emulated loss outside the fp32 spread at {outside} of "
+          f"{args.steps} steps")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"mlp-{device.type}{'-' + args.tag if args.tag else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": {"card": card, "date": str(datetime.date.today()), **vars(args)},
+                   "summary": summary, "curves": curves, "step_seconds": step_seconds}, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for precision, style in (("fp32", "-"), ("emulated", "--")):
+        for seed, losses in enumerate(curves[precision]):
+            ax.semilogy(losses, style, label=f"{precision} seed {seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"MLP {args.hidden}, batch {args.batch}, {card}: {summary['speedup']:.2f}x", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()
