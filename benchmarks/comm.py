@@ -5,7 +5,8 @@
 
 Bus bandwidth follows nccl-tests: all_reduce moves 2(n-1)/n of the buffer per rank, broadcast
 the buffer, all_gather (into one tensor) (n-1)/n of the output. Each time is the slowest rank's
-median over the repetitions. Rank 0 prints the table and writes JSON and a PNG.
+median over the repetitions; the three implementations take turns within each repetition.
+Rank 0 prints the table and writes JSON and a PNG.
 """
 import argparse
 import datetime
@@ -54,18 +55,23 @@ def make_call(op, impl, buf, out, gloo, comm, MPI):
     return lambda: dist.all_gather_into_tensor(out, buf, group=group)
 
 
-def time_call(call, reps, comm, device):
-    times = []
+def time_calls(calls, reps, comm, device):
+    """Median seconds per call, the slowest rank's. The implementations take turns, rotating
+    who goes first, so drift of a shared machine hits them alike."""
+    times = {name: [] for name in calls}
+    names = list(calls)
     for i in range(reps + 2):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up runs
-            times.append(time.perf_counter() - t0)
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            comm.Barrier()
+            t0 = time.perf_counter()
+            calls[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t0)
     from mpi4py import MPI
-    return comm.allreduce(statistics.median(times), op=MPI.MAX)
+    return {name: comm.allreduce(statistics.median(t), op=MPI.MAX) for name, t in times.items()}
 
 
 def main():
@@ -101,10 +107,13 @@ def main():
         reps = int(min(200, max(10, 1e9 / max(size, 1) / n)))
         for op in args.ops:
             row = {"op": op, "bytes": numel * 4}
+            calls = {}
             for impl in IMPLS:
                 buf = torch.full((numel,), float(rank + 1), device=device)
                 out = torch.empty(numel * n, device=device)
-                seconds = time_call(make_call(op, impl, buf, out, gloo, comm, MPI), reps, comm, args.device)
+                calls[impl] = make_call(op, impl, buf, out, gloo, comm, MPI)
+            measured = time_calls(calls, reps, comm, args.device)
+            for impl, seconds in measured.items():
                 row[impl] = {"us": seconds * 1e6,
                              "busbw_GBps": numel * 4 * (n if op == "all_gather" else 1)
                              * bus_factor(op, n) / seconds / 1e9}
