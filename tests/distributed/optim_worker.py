@@ -145,8 +145,8 @@ def equivalence():
     # LR scheduler, clipping after synchronize(), GradScaler: the torch.optim surface works.
     for mode in ("sync", "async"):
         model, xs, ys = model_and_data()
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
-                                   mode=mode)
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.2}]
+        opt = DistributedOptimizer(torch.optim.SGD(groups, lr=0.1), model.named_parameters(), mode=mode)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10)
         for k in range(4):
@@ -161,7 +161,7 @@ def equivalence():
             sched.step()
         opt.synchronize()
         flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).double().cpu()
-        report[f"{mode}_surface_lr"] = opt.optimizer.param_groups[0]["lr"]
+        report[f"{mode}_surface_lr"] = [g["lr"] for g in opt.optimizer.param_groups]
         report[f"{mode}_surface_checksum"] = float(flat.sum())
         report[f"{mode}_surface_finite"] = bool(torch.isfinite(flat).all())
         opt.close()
