@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 WORKERS = Path(__file__).resolve().parent / "distributed"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BIN = Path(sys.executable).parent
 
 
@@ -41,13 +42,27 @@ def torchrun_command(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
 
-def run_workers(launcher: str, n: int, script: str, *args, timeout=120, env=None):
+def run_script(launcher: str, n: int, path: Path, *args, timeout=120, env=None):
     """Returns (completed process, list of the JSON reports that ranks printed as 'RESULT ...')."""
     base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(base + [str(WORKERS / script), *map(str, args)], capture_output=True,
+    proc = subprocess.run(base + [str(path), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=full_env)
     return proc, parse_reports(proc.stdout)
+
+
+def run_workers(launcher: str, n: int, script: str, *args, timeout=120, env=None):
+    """A worker script of tests/distributed under a launcher (see run_script)."""
+    return run_script(launcher, n, WORKERS / script, *args, timeout=timeout, env=env)
+
+
+def run_example(launcher: str, n: int, script: str, *args, timeout=300, env=None) -> dict:
+    """An example (with --quiet) under a launcher; it must succeed and rank 0 report once."""
+    proc, reports = run_script(launcher, n, EXAMPLES / script, "--quiet", *args, timeout=timeout,
+                               env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert len(reports) == 1, proc.stdout[-2000:]
+    return reports[0]
 
 
 def parse_reports(stdout: str) -> list[dict]:

@@ -1,8 +1,12 @@
 """Short versions of the examples (the distributed ones run under launchers in test_optim.py)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import pytest
+
+import torch_hpc
+from launchers import EXAMPLES, run_example, torchrun_supported
+
+sys.path.insert(0, str(EXAMPLES))
 
 
 def test_tf32_vs_emulated_shows_tf32_failing(tmp_path):
@@ -14,25 +18,12 @@ def test_tf32_vs_emulated_shows_tf32_failing(tmp_path):
     assert (tmp_path / "tf32_vs_emulated-cpu.png").exists()
 
 
-def _run(launcher, n, script, *args, timeout=300):
-    import os
-    import subprocess
-
-    import pytest
-
-    import torch_hpc
-    from launchers import mpiexec_command, parse_reports, torchrun_command, torchrun_supported
+def _run(launcher, n, script, *args):
     if not torch_hpc.build_info().get("mpi"):
         pytest.skip("torch_hpc was built without MPI")
     if launcher == "torchrun" and not torchrun_supported():
         pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
-    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
-    path = Path(__file__).resolve().parents[1] / "examples" / script
-    proc = subprocess.run(base + [str(path), "--quiet", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (report,) = parse_reports(proc.stdout)
-    return report
+    return run_example(launcher, n, script, *args)
 
 
 def test_insitu_superres_network_beats_plain_dct(tmp_path):

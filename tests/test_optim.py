@@ -1,22 +1,17 @@
 """The RMA exchange and DistributedOptimizer under real launchers: exactness of concurrent
 accumulates, one-sided progress, equivalence with DDP and synchronous SGD, convergence on the
 digits data, bounded staleness, checkpoints and failures that end the job."""
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import torch_hpc
-from launchers import mpich_family, mpiexec_command, parse_reports, run_workers, torchrun_command, \
+from launchers import EXAMPLES, mpich_family, run_example, run_script, run_workers, \
     torchrun_supported
 
 pytestmark = pytest.mark.skipif(not torch_hpc.build_info().get("mpi"),
                                 reason="torch_hpc was built without MPI")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
 def _skip_torchrun_without_rma():
@@ -112,15 +107,8 @@ def test_exception_on_one_rank_ends_async_job():
     assert time.monotonic() - start < 60
 
 
-def run_example(n, *args, launcher="mpiexec", timeout=300, env=None):
-    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(base + [str(EXAMPLE), "--quiet", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    reports = parse_reports(proc.stdout)
-    assert len(reports) == 1, proc.stdout[-2000:]
-    return reports[0]
+def run_digits(n, *args, launcher="mpiexec"):
+    return run_example(launcher, n, "train_digits.py", *args)
 
 
 def _same_final_parameters(report):
@@ -129,7 +117,7 @@ def _same_final_parameters(report):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_digits_converges_on_four_ranks(mode):
-    report = run_example(4, "--mode", mode, "--steps", 300)
+    report = run_digits(4, "--mode", mode, "--steps", 300)
     assert report["final_accuracy"] >= 0.95, report
     _same_final_parameters(report)
     assert all(r["skipped_updates"] == 0 for r in report["ranks"])
@@ -137,14 +125,14 @@ def test_digits_converges_on_four_ranks(mode):
 
 def test_digits_under_torchrun():
     _skip_torchrun_without_rma()
-    report = run_example(2, "--mode", "async", "--steps", 200, launcher="torchrun")
+    report = run_digits(2, "--mode", "async", "--steps", 200, launcher="torchrun")
     assert report["launcher"] == "torchrun" and report["final_accuracy"] >= 0.95, report
     _same_final_parameters(report)
 
 
 @pytest.mark.parametrize("staleness", [0, 2])
 def test_staleness_bound_holds_with_a_straggler(staleness):
-    report = run_example(4, "--mode", "async", "--staleness", staleness, "--straggler", "1:3",
+    report = run_digits(4, "--mode", "async", "--staleness", staleness, "--straggler", "1:3",
                          "--steps", 80)
     leads = [r["max_staleness_seen"] for r in report["ranks"]]
     assert max(leads) <= staleness, leads
@@ -153,20 +141,18 @@ def test_staleness_bound_holds_with_a_straggler(staleness):
 
 def test_checkpoint_resume_continues_the_loss(tmp_path):
     ck = tmp_path / "digits.pt"
-    first = run_example(4, "--mode", "async", "--steps", 150, "--checkpoint", ck, "--eval-every", 50)
+    first = run_digits(4, "--mode", "async", "--steps", 150, "--checkpoint", ck, "--eval-every", 50)
     initial = sum(r["first_losses"][0] for r in first["ranks"]) / 4
     ended = sum(sum(r["last_losses"]) / 5 for r in first["ranks"]) / 4
-    resumed = run_example(4, "--mode", "async", "--steps", 20, "--resume", ck, "--seed", 1)
+    resumed = run_digits(4, "--mode", "async", "--steps", 20, "--resume", ck, "--seed", 1)
     restart = sum(sum(r["first_losses"]) / 5 for r in resumed["ranks"]) / 4
     assert resumed["start_step"] == 150
     assert restart < 0.2 * initial and restart < ended + 0.2, (initial, ended, restart)
     assert resumed["final_accuracy"] >= 0.95
     # Another world size: the global copy is resharded.
-    two = run_example(2, "--mode", "sync", "--steps", 5, "--resume", ck)
+    two = run_digits(2, "--mode", "sync", "--steps", 5, "--resume", ck)
     assert two["final_accuracy"] >= 0.95
     # Another model: refused.
-    base = mpiexec_command(2) + [sys.executable]
-    proc = subprocess.run(base + [str(EXAMPLE), "--quiet", "--width", "128", "--resume", str(ck)],
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc, _ = run_script("mpiexec", 2, EXAMPLES / "train_digits.py", "--quiet", "--width", 128,
+                         "--resume", ck)
     assert proc.returncode != 0 and "checkpoint is of a different model" in proc.stderr

@@ -47,10 +47,6 @@ def _routed(settings, *tensors) -> bool:
     return True
 
 
-def _mm(a, b):
-    return ops.mm(a, b)
-
-
 def _addmm(input, m1, m2, *, beta=1, alpha=1):
     product = ops.mm(m1, m2)
     if alpha != 1:
@@ -69,10 +65,6 @@ def _baddbmm(input, b1, b2, *, beta=1, alpha=1):
     return product + (input if beta == 1 else beta * input)
 
 
-def _linear(input, weight, bias=None):
-    return ops.linear(input, weight, bias)
-
-
 # func -> (name, emulated implementation, number of leading matrix operands to check)
 _ROUTES = {}
 
@@ -82,12 +74,12 @@ def _route(funcs, name, impl, operands, matrix_positions):
         _ROUTES[f] = (name, impl, operands, matrix_positions)
 
 
-_route([torch.mm, torch.Tensor.mm], "mm", _mm, 2, (0, 1))
+_route([torch.mm, torch.Tensor.mm], "mm", ops.mm, 2, (0, 1))
 _route([torch.bmm, torch.Tensor.bmm], "bmm", ops.bmm, 2, (0, 1))
 _route([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__], "matmul", ops.matmul, 2, (0, 1))
 _route([torch.addmm, torch.Tensor.addmm], "addmm", _addmm, 3, (0, 1, 2))
 _route([torch.baddbmm, torch.Tensor.baddbmm], "baddbmm", _baddbmm, 3, (0, 1, 2))
-_route([F.linear], "linear", _linear, 3, (0, 1))
+_route([F.linear], "linear", ops.linear, 3, (0, 1))
 
 
 class _EmulationMode(TorchFunctionMode):

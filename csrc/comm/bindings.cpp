@@ -76,7 +76,6 @@ PYBIND11_MODULE(_comm, m) {
       .def_property_readonly("max_lead", &RmaExchange::max_lead)
       .def_property_readonly("skipped", &RmaExchange::skipped)
       .def_property_readonly("exchanges", &RmaExchange::exchanges)
-      .def_property_readonly("closed", &RmaExchange::closed)
       .def("shard", [](const RmaExchange& x, int owner) {
              return std::make_pair(x.shard_begin(owner), x.shard_end(owner));
            })
@@ -86,7 +85,6 @@ PYBIND11_MODULE(_comm, m) {
       .def("start", &RmaExchange::start, py::arg("delta"), py::arg("scale"), py::arg("out"),
            py::arg("step"), py::arg("staleness") = -1, py::call_guard<py::gil_scoped_release>())
       .def("wait", &RmaExchange::wait, py::call_guard<py::gil_scoped_release>())
-      .def("in_flight", &RmaExchange::in_flight)
       .def("finish", &RmaExchange::finish, py::call_guard<py::gil_scoped_release>())
       .def("counters", &RmaExchange::counters, py::call_guard<py::gil_scoped_release>())
       .def("barrier", &RmaExchange::barrier, py::call_guard<py::gil_scoped_release>())

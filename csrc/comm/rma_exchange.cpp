@@ -60,13 +60,21 @@ RmaExchange::RmaExchange(MPI_Comm parent, int64_t numel, bool progress_thread,
 RmaExchange::~RmaExchange() {
   // close() is collective: a window dropped without it is left to MPI_Finalize. The threads
   // must still stop.
+  stop_exchange_thread();
+  stop_progress_thread();
+}
+
+void RmaExchange::stop_exchange_thread() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
   }
   cv_.notify_all();
-  stop_progress_ = true;
   if (exchange_thread_.joinable()) exchange_thread_.join();
+}
+
+void RmaExchange::stop_progress_thread() {
+  stop_progress_ = true;
   if (progress_thread_.joinable()) progress_thread_.join();
 }
 
@@ -214,11 +222,6 @@ void RmaExchange::start(const at::Tensor& delta, double scale, at::Tensor out, i
   cv_.notify_all();
 }
 
-bool RmaExchange::in_flight() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return busy_;
-}
-
 bool RmaExchange::wait() {
   std::unique_lock<std::mutex> lock(mutex_);
   cv_.wait(lock, [&] { return !busy_; });
@@ -277,17 +280,11 @@ void RmaExchange::close() {
   } catch (...) {
     pending = std::current_exception();
   }
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (exchange_thread_.joinable()) exchange_thread_.join();
+  stop_exchange_thread();
   closed_ = true;
   if (!finalized) {
     barrier();  // nobody frees while another rank still reads or writes (progress thread runs on)
-    stop_progress_ = true;
-    if (progress_thread_.joinable()) progress_thread_.join();
+    stop_progress_thread();
     const char* op = "freeing the RMA windows";
     TORCH_HPC_MPI_CHECK(op, MPI_Win_unlock_all(counter_win_));
     TORCH_HPC_MPI_CHECK(op, MPI_Win_unlock_all(win_));
@@ -296,8 +293,7 @@ void RmaExchange::close() {
     if (progress_comm_ != MPI_COMM_NULL) MPI_Comm_free(&progress_comm_);
     MPI_Comm_free(&comm_);
   }
-  stop_progress_ = true;
-  if (progress_thread_.joinable()) progress_thread_.join();
+  stop_progress_thread();
   if (pending) std::rethrow_exception(pending);
 }
 

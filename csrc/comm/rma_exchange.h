@@ -58,7 +58,6 @@ class RmaExchange {
   void start(const at::Tensor& delta, double scale, at::Tensor out, int64_t step, int64_t staleness);
   // Waits for the exchange in flight (if any); returns whether its delta was applied.
   bool wait();
-  bool in_flight() const;
   // Publishes kFinished for this rank (its counters no longer hold anyone back).
   void finish();
   // Both counters of every rank: [accumulated_0, completed_0, accumulated_1, ...].
@@ -71,7 +70,6 @@ class RmaExchange {
   void barrier();
   // Collective: stops the threads and frees the windows. Idempotent.
   void close();
-  bool closed() const { return closed_; }
 
  private:
   struct Job {
@@ -83,6 +81,8 @@ class RmaExchange {
   };
   void exchange_loop();
   void progress_loop();
+  void stop_exchange_thread();
+  void stop_progress_thread();
   void run(const Job& job);
   void accumulate(const at::Tensor& delta, double scale);
   void publish(int slot, int64_t value);

@@ -52,14 +52,14 @@ def exchange(numel: int, comm=None, progress_thread: bool | None = None,
     """A new global vector of `numel` fp32 values sharded over `comm` (default: the MPI world
     torch_hpc formed, see init_mpi). Collective. Returns torch_hpc._comm.RmaExchange."""
     global _hooks_installed
+    from . import mpi
     from .backend import _comm_module
-    from .mpi import _rma_error, init_mpi, rma_available
     if comm is None:
-        comm = init_mpi()
-        if not rma_available():
+        comm = mpi.init_mpi()
+        if not mpi.rma_available():  # read after init_mpi, which records why
             raise RuntimeError(
                 "torch_hpc: MPI one-sided windows are unavailable on this MPI world "
-                f"({_rma_error}); the asynchronous exchange needs them. Launch with mpirun/mpiexec, "
+                f"({mpi._rma_error}); the asynchronous exchange needs them. Launch with mpirun/mpiexec, "
                 "or use an MPICH-family MPI under torchrun")
     if progress_thread is None:
         progress_thread = progress_thread_default()
