@@ -86,7 +86,9 @@ if with_cuda:
     ops = CUDAExtension(
         "torch_hpc._C",
         ops_sources + sources("gemm/cuda/*.cpp", "gemm/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode},
+        extra_compile_args={"cxx": cxx_flags,
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode
+                            + (["-DTORCH_HPC_SM90A"] if "sm_90a" in archs else [])},
         extra_link_args=["-fopenmp"],
     )
 else:

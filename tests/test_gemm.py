@@ -240,6 +240,31 @@ def test_cuda_large_square_beats_sgemm(n):
 
 
 @requires_cuda
+@pytest.mark.parametrize("batch,m,k,n", [(1, 128, 64, 128), (1, 300, 1000, 200), (1, 1, 1, 1),
+                                         (3, 1000, 200, 1500), (2, 129, 4099, 257)])
+def test_cuda_kernels_agree_with_fp64(monkeypatch, batch, m, k, n):
+    """Both CUDA kernels (mma.sync everywhere; wgmma on compute capability 9.0) meet the accuracy
+    contract; 3x1000x1500 has more 128x128 tiles than an H100 has SMs, so each persistent block
+    of the wgmma kernel takes several tiles and its pipeline wraps across them."""
+    gen = generator("cuda", m + k + n)
+    a = torch.randn(batch, m, k, device="cuda", generator=gen)
+    b = torch.randn(batch, k, n, device="cuda", generator=gen)
+    outputs = {}
+    for kernel in ("sm80", "auto"):
+        monkeypatch.setenv("TORCH_HPC_GEMM_KERNEL", kernel)
+        poison_allocator("cuda", 4 * batch * m * n)
+        outputs[kernel] = c = torch_hpc.bmm(a, b)
+        for i in range(batch):
+            ref = _check_product(c[i], a[i], b[i], i, kernel)
+            if k >= 256:  # near K = 64 the split's own floor and fp32's error are alike
+                err, err32 = rel_error(c[i], ref), rel_error(fp32_reference_product(a[i], b[i]), ref)
+                assert err <= err32, f"{kernel}: emulated {err:.3g} > fp32 {err32:.3g}"
+    if torch.cuda.get_device_capability() == (9, 0) and k >= 1000:
+        # Different kernels sum in a different order: equal bits would mean one kernel ran twice.
+        assert not torch.equal(outputs["sm80"], outputs["auto"])
+
+
+@requires_cuda
 def test_cuda_int64_indexing():
     """A has more than 2^31 elements: offsets must not wrap."""
     free, _ = torch.cuda.mem_get_info()
@@ -332,7 +357,7 @@ print(int(torch.equal(c, a @ b)), int(tf32_left_on))
 
 @requires_cuda
 def test_promotion_keeps_error_growth_sublinear_in_k():
-    """Promotion into the fp32 accumulator every k-tile: from K = 1024 to 16384 the normwise
+    """Promotion into the fp32 accumulator every k-block: from K = 1024 to 16384 the normwise
     error grows like a random walk (about 4x), not linearly (16x)."""
     errors = {}
     for k in (1024, 4096, 16384):

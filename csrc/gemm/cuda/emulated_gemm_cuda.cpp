@@ -31,22 +31,31 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
            at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
            at::empty({batch, rows_pad}, opts.dtype(at::kInt)),
            at::empty({batch, rows_pad}, opts.dtype(at::kInt)), rows_pad, k_pad};
+  const at::Tensor stats = at::empty({2, batch, rows_pad}, opts.dtype(at::kInt));
   cuda::SplitParams sp{x.data_ptr<float>(),
                        batch, rows, k, sb, sr, sk,
                        reinterpret_cast<uint16_t*>(p.hi.data_ptr<at::Half>()),
                        reinterpret_cast<uint16_t*>(p.lo.data_ptr<at::Half>()),
                        p.exponent.data_ptr<int32_t>(),
                        p.fallback.data_ptr<int32_t>(),
+                       reinterpret_cast<uint32_t*>(stats[0].data_ptr<int32_t>()),
+                       reinterpret_cast<uint32_t*>(stats[1].data_ptr<int32_t>()),
                        rows_pad, k_pad};
   C10_CUDA_CHECK(cuda::launch_split(sp, stream));
   return p;
 }
 
-// The mma.sync kernel needs about two 128x128 output tiles per SM to beat cuBLAS SGEMM
-// (measured on an H100: 2048^3 = 256 tiles ran at 0.69x SGEMM, M = 64 at 0.14x, 4096^3 at
-// 1.15x). Below that, cuBLAS SGEMM with TF32 off computes the product instead (fp32 accuracy,
-// fp32 inf/NaN semantics). TORCH_HPC_SGEMM_FALLBACK=0 keeps the emulation for every shape.
-bool prefer_sgemm(int64_t batch, int64_t m, int64_t n) {
+cuda::GemmKernel gemm_kernel_for(const at::Tensor& x) {
+  cuda::GemmKernel kernel;
+  C10_CUDA_CHECK(cuda::choose_gemm_kernel(x.get_device(), &kernel));
+  return kernel;
+}
+
+// Below a few 128x128 output tiles per SM the emulation loses to cuBLAS SGEMM (measured on an
+// H100: the mma.sync kernel at 2048^3 = 256 tiles ran at 0.69x SGEMM, M = 64 at 0.14x; the wgmma
+// kernel needs about one tile per SM). There cuBLAS SGEMM with TF32 off computes the product
+// (fp32 accuracy, fp32 inf/NaN semantics). TORCH_HPC_SGEMM_FALLBACK=0 keeps the emulation.
+bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n) {
   static const bool enabled = [] {
     const char* env = std::getenv("TORCH_HPC_SGEMM_FALLBACK");
     return env == nullptr || std::string(env) != "0";
@@ -54,7 +63,7 @@ bool prefer_sgemm(int64_t batch, int64_t m, int64_t n) {
   if (!enabled) return false;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = batch * ((m + 127) / 128) * ((n + 127) / 128);
-  return tiles < 2 * sms;
+  return tiles < (kernel == cuda::GemmKernel::sm90 ? 1 : 2) * sms;
 }
 
 at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b) {
@@ -79,7 +88,9 @@ at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
-  if (k > 0 && batch * m * n > 0 && prefer_sgemm(batch, m, n)) return sgemm_without_tf32(a, b);
+  const cuda::GemmKernel kernel = gemm_kernel_for(a);
+  if (k > 0 && batch * m * n > 0 && prefer_sgemm(kernel, batch, m, n))
+    return sgemm_without_tf32(a, b);
   at::Tensor c = at::empty({batch, m, n}, a.options());
   if (c.numel() == 0) return c;
   if (k == 0) return c.zero_();
@@ -114,7 +125,7 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
   gp.m = m;
   gp.n = n;
   gp.k = k;
-  C10_CUDA_CHECK(cuda::launch_gemm(gp, stream));
+  C10_CUDA_CHECK(cuda::launch_gemm(gp, kernel, stream));
   return c;
 }
 

@@ -5,6 +5,9 @@
 
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../split.h"
 
 namespace torch_hpc {
@@ -16,37 +19,48 @@ constexpr int kMaxGridYZ = 65535;
 constexpr int kMaxDevices = 64;
 
 // ---------------------------------------------------------------------------------------
-// Split: one block of 32x8 threads per 32 rows. Pass 1 finds each row's range, pass 2
-// writes hi/lo with K contiguous. Tiles go through shared memory so that both global reads
-// (whichever of the row/k strides is unit) and the plane writes are coalesced.
+// Split, in two passes that each spread over rows and K (a block per 32 rows alone leaves most
+// SMs idle when there are few rows): pass 1 reduces each row's largest and smallest nonzero
+// |x| into stats with atomics, pass 2 turns each 32 x 64 tile into hi/lo. Tiles go through
+// shared memory so that the global reads (whichever of the row/k strides is unit) and the
+// plane writes are coalesced.
 constexpr int kSplitRows = 32;
+constexpr int kSplitK = 64;            // k per write-pass block
+constexpr int kStatsChunk = 512;       // k per stats-pass block
 
+// tile[row][kk] = x[r0 + row, k0 + kk] for 32 rows x `kk_count` (a multiple of 32), 0 outside.
+template <int Cols>
 __device__ __forceinline__ void load_split_tile(const SplitParams& p, const float* x, int64_t r0,
                                                 int64_t k0, bool rows_fast,
-                                                float (&tile)[kSplitRows][kSplitRows + 1]) {
+                                                float (&tile)[kSplitRows][Cols + 1]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int slow = threadIdx.y + 8 * j;
-    const int fast = threadIdx.x;
-    const int row = rows_fast ? fast : slow;
-    const int kk = rows_fast ? slow : fast;
+  for (int j = 0; j < kSplitRows * Cols / 256; ++j) {
+    int row, kk;
+    if (rows_fast) {
+      row = threadIdx.x;
+      kk = threadIdx.y + 8 * j;
+    } else {
+      row = (threadIdx.y + 8 * j) % kSplitRows;
+      kk = threadIdx.x + 32 * ((threadIdx.y + 8 * j) / kSplitRows);
+    }
     const int64_t r = r0 + row, k = k0 + kk;
     tile[row][kk] = (r < p.rows && k < p.k) ? x[r * p.stride_r + k * p.stride_k] : 0.0f;
   }
 }
 
-__global__ void __launch_bounds__(256) split_kernel(SplitParams p, int64_t batch_offset) {
+__global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t batch_offset) {
   __shared__ float tile[kSplitRows][kSplitRows + 1];
-  __shared__ RowScale scales[kSplitRows];
-  const int64_t b = batch_offset + blockIdx.y;
+  const int64_t b = batch_offset + blockIdx.z;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
+  const int64_t k_end = min(p.k, k_begin + kStatsChunk);
   const float* x = p.x + b * p.stride_b;
   const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
   const int lane = threadIdx.x;
 
   RowStats stats[4];
-  for (int64_t k0 = 0; k0 < p.k; k0 += kSplitRows) {
-    load_split_tile(p, x, r0, k0, rows_fast, tile);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kSplitRows) {
+    load_split_tile<kSplitRows>(p, x, r0, k0, rows_fast, tile);
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < 4; ++j) stats[j].add(tile[threadIdx.y + 8 * j][lane]);
@@ -60,30 +74,43 @@ __global__ void __launch_bounds__(256) split_kernel(SplitParams p, int64_t batch
       mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
     }
-    if (lane == 0) {
-      const int row = threadIdx.y + 8 * j;
-      const RowScale s = row_scale(mx, mn);
-      scales[row] = s;
-      const int64_t out = b * p.rows_pad + r0 + row;
-      p.exponent[out] = s.exponent;
-      p.fallback[out] = s.fallback ? 1 : 0;
+    const int64_t row = r0 + threadIdx.y + 8 * j;
+    if (lane == 0 && row < p.rows) {
+      const int64_t at = b * p.rows_pad + row;
+      atomicMax(p.row_max + at, mx);
+      atomicMin(p.row_min + at, mn);
     }
   }
-  __syncthreads();
+}
 
-  for (int64_t k0 = 0; k0 < p.k_pad; k0 += kSplitRows) {
-    load_split_tile(p, x, r0, k0, rows_fast, tile);
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = threadIdx.y + 8 * j;
-      uint16_t hi, lo;
-      split_value(tile[row][lane], scales[row], hi, lo);
-      const int64_t out = (b * p.rows_pad + r0 + row) * p.k_pad + k0 + lane;
-      p.hi[out] = hi;
-      p.lo[out] = lo;
+__global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t batch_offset) {
+  __shared__ float tile[kSplitRows][kSplitK + 1];
+  __shared__ RowScale scales[kSplitRows];
+  const int64_t b = batch_offset + blockIdx.z;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kSplitK;
+  const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
+  const int lane = threadIdx.x;
+  if (threadIdx.y == 0) {
+    const int64_t at = b * p.rows_pad + r0 + lane;
+    const RowScale s = row_scale(p.row_max[at], p.row_min[at]);
+    scales[lane] = s;
+    if (blockIdx.y == 0) {
+      p.exponent[at] = s.exponent;
+      p.fallback[at] = s.fallback ? 1 : 0;
     }
-    __syncthreads();
+  }
+  load_split_tile<kSplitK>(p, p.x + b * p.stride_b, r0, k0, rows_fast, tile);
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = threadIdx.y + 8 * j;
+    uint16_t hi0, lo0, hi1, lo1;
+    split_value(tile[row][2 * lane], scales[row], hi0, lo0);
+    split_value(tile[row][2 * lane + 1], scales[row], hi1, lo1);
+    const int64_t out = (b * p.rows_pad + r0 + row) * p.k_pad + k0 + 2 * lane;
+    reinterpret_cast<uint32_t*>(p.hi)[out / 2] = uint32_t(hi0) | (uint32_t(hi1) << 16);
+    reinterpret_cast<uint32_t*>(p.lo)[out / 2] = uint32_t(lo0) | (uint32_t(lo1) << 16);
   }
 }
 
@@ -92,7 +119,8 @@ __global__ void __launch_bounds__(256) split_kernel(SplitParams p, int64_t batch
 // 3-stage cp.async pipeline. Per k-tile each warp computes, in one fresh fp32 fragment,
 //   f = 2^-11 (hi_a lo_b + lo_a hi_b);  f += hi_a hi_b;  acc += f   (promotion, fp32 RN)
 // so the tensor core never accumulates more than one k-tile of the main product.
-constexpr int kBM = kTileRows, kBN = kTileRows, kBK = kTileK;
+constexpr int kBM = kTileRows, kBN = kTileRows, kBK = 32;
+static_assert(kTileK % kBK == 0, "planes are padded to whole k-tiles");
 constexpr int kStages = 3;
 constexpr int kLds = kBK + 8;  // padded row (80 B): conflict-free ldmatrix
 constexpr int kPlaneElems = kBM * kLds;
@@ -325,41 +353,75 @@ __global__ void __launch_bounds__(256) fallback_kernel(GemmParams p, int64_t bat
 }  // namespace
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
+  static_assert(kTileK % kSplitK == 0 && kTileRows % kSplitRows == 0, "planes hold whole tiles");
+  const size_t stat_bytes = size_t(p.batch * p.rows_pad) * sizeof(uint32_t);
+  cudaError_t err = cudaMemsetAsync(p.row_max, 0, stat_bytes, stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
+  if (err != cudaSuccess) return err;
+  const int64_t k_chunks = (p.k + kStatsChunk - 1) / kStatsChunk;
+  if (k_chunks > kMaxGridYZ || p.k_pad / kSplitK > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 block(32, 8);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
     const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
-    const dim3 grid(static_cast<unsigned>(p.rows_pad / kSplitRows), static_cast<unsigned>(nb));
-    split_kernel<<<grid, block, 0, stream>>>(p, b0);
-    const cudaError_t err = cudaGetLastError();
+    const unsigned row_blocks = static_cast<unsigned>(p.rows_pad / kSplitRows);
+    split_stats_kernel<<<dim3(row_blocks, static_cast<unsigned>(k_chunks), static_cast<unsigned>(nb)),
+                         block, 0, stream>>>(p, b0);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    split_write_kernel<<<dim3(row_blocks, static_cast<unsigned>(p.k_pad / kSplitK),
+                              static_cast<unsigned>(nb)),
+                         block, 0, stream>>>(p, b0);
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
 
-cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
+cudaError_t choose_gemm_kernel(int device, GemmKernel* kernel) {
+  *kernel = GemmKernel::sm80;
+  const char* forced = std::getenv("TORCH_HPC_GEMM_KERNEL");
+  if (forced != nullptr && std::strcmp(forced, "sm80") == 0) return cudaSuccess;
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  if (major == 9 && minor == 0 && sm90_kernel_built()) *kernel = GemmKernel::sm90;
+  return cudaSuccess;
+}
+
+cudaError_t launch_gemm(const GemmParams& p, GemmKernel kernel, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  static bool smem_raised[kMaxDevices] = {};
   if (device >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (!smem_raised[device]) {
-    err = cudaFuncSetAttribute(gemm_sm80_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kGemmSmemBytes));
+  if (p.n_pad / kBN > kMaxGridYZ || (p.n + 31) / 32 > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  if (kernel == GemmKernel::sm90) {
+    int sms = 0;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = launch_gemm_sm90(p, sms, stream);
     if (err != cudaSuccess) return err;
-    smem_raised[device] = true;
+  } else {
+    static bool smem_raised[kMaxDevices] = {};
+    if (!smem_raised[device]) {
+      err = cudaFuncSetAttribute(gemm_sm80_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kGemmSmemBytes));
+      if (err != cudaSuccess) return err;
+      smem_raised[device] = true;
+    }
+    for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
+      const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
+      const dim3 grid(static_cast<unsigned>(p.m_pad / kBM), static_cast<unsigned>(p.n_pad / kBN),
+                      static_cast<unsigned>(nb));
+      gemm_sm80_kernel<<<grid, kGemmThreads, kGemmSmemBytes, stream>>>(p, b0);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
   }
-  const int64_t n_tiles = p.n_pad / kBN;
-  if (n_tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
     const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
-    const dim3 grid(static_cast<unsigned>(p.m_pad / kBM), static_cast<unsigned>(n_tiles),
-                    static_cast<unsigned>(nb));
-    gemm_sm80_kernel<<<grid, kGemmThreads, kGemmSmemBytes, stream>>>(p, b0);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
     const dim3 fgrid(static_cast<unsigned>((p.m + 31) / 32), static_cast<unsigned>((p.n + 31) / 32),
                      static_cast<unsigned>(nb));
-    if (fgrid.y > kMaxGridYZ) return cudaErrorInvalidConfiguration;
     fallback_kernel<<<fgrid, dim3(32, 8), 0, stream>>>(p, b0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -10,10 +10,11 @@ namespace gemm {
 namespace cuda {
 
 constexpr int kTileRows = 128;  // rows of A / columns of B are padded to this
-constexpr int kTileK = 32;      // K is padded to this
+constexpr int kTileK = 64;      // K is padded to this
 
 // Splits x[b, r, k] (any strides, in elements) into K-contiguous, zero-padded fp16 planes
-// hi/lo[b, rows_pad, k_pad], plus exponent[b, rows_pad] and fallback[b, rows_pad].
+// hi/lo[b, rows_pad, k_pad], plus exponent[b, rows_pad] and fallback[b, rows_pad]; row_max and
+// row_min[b, rows_pad] are scratch (the row statistics).
 struct SplitParams {
   const float* x;
   int64_t batch, rows, k;
@@ -22,6 +23,8 @@ struct SplitParams {
   uint16_t* lo;
   int32_t* exponent;
   int32_t* fallback;
+  uint32_t* row_max;
+  uint32_t* row_min;
   int64_t rows_pad, k_pad;
 };
 
@@ -40,8 +43,20 @@ struct GemmParams {
   int64_t batch, m, n, k;
 };
 
+// sm80: mma.sync (any GPU of compute capability >= 8.0); sm90: wgmma + TMA (exactly 9.0, and
+// only when the build included sm_90a).
+enum class GemmKernel { sm80, sm90 };
+
+// The kernel for `device`: sm90 on a 9.0 GPU when built, else sm80. TORCH_HPC_GEMM_KERNEL=sm80
+// forces the mma.sync kernel (read on every call).
+cudaError_t choose_gemm_kernel(int device, GemmKernel* kernel);
+
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
-cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
+// The product on `kernel`, then the exact path for fallback rows/columns.
+cudaError_t launch_gemm(const GemmParams& p, GemmKernel kernel, cudaStream_t stream);
+
+bool sm90_kernel_built();
+cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace gemm
