@@ -125,6 +125,12 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
   gp.m = m;
   gp.n = n;
   gp.k = k;
+  const at::Tensor rows = at::empty({batch, pa.rows_pad}, a.options().dtype(at::kInt));
+  const at::Tensor cols = at::empty({batch, pb.rows_pad}, a.options().dtype(at::kInt));
+  const at::Tensor counts = at::empty({batch, 2}, a.options().dtype(at::kInt));
+  gp.fallback_rows = rows.data_ptr<int32_t>();
+  gp.fallback_cols = cols.data_ptr<int32_t>();
+  gp.fallback_counts = counts.data_ptr<int32_t>();
   C10_CUDA_CHECK(cuda::launch_gemm(gp, kernel, stream));
   return c;
 }

@@ -41,6 +41,9 @@ struct GemmParams {
   float* c;
   int64_t c_stride_b, c_stride_m, c_stride_n;
   int64_t batch, m, n, k;
+  // scratch of the exact path: lists of flagged rows [batch, m_pad] and columns [batch, n_pad],
+  // their lengths [batch, 2]
+  int32_t *fallback_rows, *fallback_cols, *fallback_counts;
 };
 
 // sm80: mma.sync (any GPU of compute capability >= 8.0); sm90: wgmma + TMA (exactly 9.0, and
