@@ -100,6 +100,10 @@ TORCH_LIBRARY(torch_hpc, m) {
   m.def("bmm(Tensor a, Tensor b) -> Tensor");
   m.def("matmul(Tensor a, Tensor b) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  // CUDA only, for torch_hpc.nn.Linear's weight-split cache (see torch_hpc/nn.py)
+  m.def("split_planes(Tensor x) -> (Tensor hi, Tensor lo, Tensor exponent, Tensor fallback)");
+  m.def("mm_planes(Tensor a, Tensor b, Tensor b_hi, Tensor b_lo, Tensor b_exponent, "
+        "Tensor b_fallback) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_hpc, CompositeImplicitAutograd, m) {

@@ -67,3 +67,75 @@ def test_emulate_fp32_routes_through_the_op():
     with torch.profiler.profile() as prof:
         model(x)
     assert any(e.name.startswith("torch_hpc::mm") for e in prof.events())
+
+
+def _twin_linears(device, cache):
+    torch.manual_seed(5)
+    lin = torch_hpc.nn.Linear(300, 200).to(device)
+    lin.cache_weight_splits = cache
+    return lin
+
+
+def _step(lin, x):
+    out = lin(x)
+    (out * out).sum().backward()
+    return out.detach(), lin.weight.grad.clone(), lin.bias.grad.clone(), x.grad.clone()
+
+
+def test_weight_split_cache_is_cuda_only():
+    lin = _twin_linears("cpu", True)
+    lin(torch.randn(3, 300))
+    assert "_weight_splits" not in lin.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the weight-split cache is CUDA-only")
+def test_weight_split_cache_matches_uncached_and_follows_weight_updates():
+    cached, plain = _twin_linears("cuda", True), _twin_linears("cuda", False)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (cached, plain)]
+    gen = generator("cuda", 11)
+    for step in range(3):
+        x = torch.randn(2, 70, 300, device="cuda", generator=gen)
+        results = []
+        for m, opt in zip((cached, plain), opts):
+            opt.zero_grad()
+            results.append(_step(m, x.clone().requires_grad_()))
+            opt.step()  # in place: the weight's version counter moves
+        for got, want in zip(*results):
+            assert torch.equal(got, want), f"step {step}: cached and uncached differ"
+    planes = cached._weight_splits["rows"][1]
+    assert planes[0].shape == (1, 256, 320) and planes[0].dtype == torch.float16
+    with torch.no_grad():
+        cached(x)
+        cached(x)
+    assert cached._weight_splits["rows"][1][0] is not planes[0]  # re-split after the last step
+    hit = cached._weight_splits["rows"][1][0]
+    with torch.no_grad():
+        cached(x)
+    assert cached._weight_splits["rows"][1][0] is hit  # unchanged weight: no new split
+    with torch.no_grad():
+        cached.weight.mul_(2)
+        plain.weight.mul_(2)
+        assert torch.equal(cached(x), plain(x))
+    cached.clear_weight_split_cache()
+    assert "_weight_splits" not in cached.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the weight-split cache is CUDA-only")
+def test_weight_split_cache_is_bypassed_in_graphs_and_compile():
+    lin = _twin_linears("cuda", True)
+    x = torch.randn(64, 300, device="cuda", generator=generator("cuda", 12))
+    with torch.no_grad():
+        eager = lin(x)
+        lin.clear_weight_split_cache()
+        compiled = torch.compile(lin, fullgraph=True)(x)
+        assert "_weight_splits" not in lin.__dict__
+        assert torch.equal(compiled, eager)
+        static_x = x.clone()
+        lin(static_x)  # warm-up on the side stream is what torch.cuda.graphs recommends
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = lin(static_x)
+        static_x.copy_(2 * x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, lin(2 * x))

@@ -3,12 +3,84 @@ import torch
 
 from . import ops
 
+_ops = torch.ops.torch_hpc
+
 
 class Linear(torch.nn.Linear):
-    """torch.nn.Linear computed with torch_hpc.linear (same parameters and state_dict)."""
+    """torch.nn.Linear computed with torch_hpc.linear (same parameters and state_dict).
+
+    On CUDA the fp16 splits of the weight are cached: one split of its rows (forward) and one of
+    its columns (input gradient), each 4 bytes per weight element plus padding, i.e. up to twice
+    the fp32 weight's memory in all. They are made again only when the weight changes (its data
+    pointer or version counter moves: optimizer steps, in-place copies), so repeated forwards
+    (inference, gradient accumulation) skip the weight's split. Under torch.compile, during CUDA
+    graph capture and under autocast the cache is bypassed. Set `cache_weight_splits = False` on
+    a module (or the class) to turn it off; `clear_weight_split_cache()` frees it.
+    """
+
+    cache_weight_splits = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._can_cache(input):
+            return _CachedSplitLinear.apply(input, self.weight, self.bias, self)
         return ops.linear(input, self.weight, self.bias)
+
+    def clear_weight_split_cache(self) -> None:
+        self.__dict__.pop("_weight_splits", None)
+
+    def _can_cache(self, input: torch.Tensor) -> bool:
+        w = self.weight
+        return (self.cache_weight_splits and w.is_cuda and input.device == w.device
+                and input.dtype == torch.float32 and w.dtype == torch.float32 and w.dim() == 2
+                and input.dim() >= 1 and input.shape[-1] == w.shape[1] and w.numel() > 0
+                and input.numel() > 0
+                and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing()
+                and not torch.is_autocast_enabled("cuda"))
+
+    def _weight_split(self, which: str):
+        """Planes of the weight's rows ("rows", forward: B = W^T) or columns ("cols", backward:
+        B = W), made again when the weight has changed since they were cached."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.device)
+        cache = self.__dict__.setdefault("_weight_splits", {})
+        hit = cache.get(which)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                planes = _ops.split_planes.default(w if which == "rows" else w.t())
+            cache[which] = hit = (key, planes)
+        return hit[1]
+
+
+class _CachedSplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, module):
+        x2 = input.reshape(-1, input.shape[-1])
+        out = _ops.mm_planes.default(x2, weight.t(), *module._weight_split("rows"))
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x2, weight)
+        ctx.module, ctx.input_shape = module, input.shape
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out.view(*input.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, weight.shape[0])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph: keep the product differentiable
+                grad_input = ops.mm(g2, weight)
+            else:
+                grad_input = _ops.mm_planes.default(g2, weight, *ctx.module._weight_split("cols"))
+            grad_input = grad_input.view(ctx.input_shape)
+        # the same products and reductions as autograd through torch_hpc.linear, bit for bit
+        if ctx.needs_input_grad[1]:
+            grad_weight = ops.mm(x2.t(), g2).t()
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum_to_size(ctx.bias_shape)
+        return grad_input, grad_weight, grad_bias, None
 
 
 def emulate_fp32(model: torch.nn.Module) -> torch.nn.Module:

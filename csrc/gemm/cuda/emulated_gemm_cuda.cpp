@@ -85,7 +85,8 @@ at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
+// b_planes: the split of b's columns made earlier (torch_hpc::split_planes of b^T), or null.
+at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes* b_planes = nullptr) {
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   const cuda::GemmKernel kernel = gemm_kernel_for(a);
@@ -96,7 +97,9 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b) {
   if (k == 0) return c.zero_();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Planes pa = split_cuda(a, batch, m, k, a.stride(0), a.stride(1), a.stride(2), stream);
-  const Planes pb = split_cuda(b, batch, n, k, b.stride(0), b.stride(2), b.stride(1), stream);
+  const Planes pb = b_planes != nullptr
+                        ? *b_planes
+                        : split_cuda(b, batch, n, k, b.stride(0), b.stride(2), b.stride(1), stream);
   cuda::GemmParams gp{};
   gp.a_hi = reinterpret_cast<const uint16_t*>(pa.hi.data_ptr<at::Half>());
   gp.a_lo = reinterpret_cast<const uint16_t*>(pa.lo.data_ptr<at::Half>());
@@ -162,12 +165,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cuda_op(const a
           p.fallback[0].narrow(0, 0, rows).to(at::kBool)};
 }
 
+// The padded planes of x's rows as the kernels read them: hi, lo [1, rows_pad, k_pad] fp16,
+// exponent, fallback [1, rows_pad] int32. For torch_hpc.nn.Linear's weight-split cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_planes_cuda(const at::Tensor& x) {
+  check_split_arg(x);
+  TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(1) > 0,
+                    "torch_hpc.split_planes: expected argument 'x' without empty dimensions, got "
+                    "shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Planes p = split_cuda(x, 1, x.size(0), x.size(1), 0, x.stride(0), x.stride(1),
+                              at::cuda::getCurrentCUDAStream());
+  return {p.hi, p.lo, p.exponent, p.fallback};
+}
+
+// a @ b with b's split given by split_planes(b^T) (made when b held the same values).
+at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b_hi,
+                          const at::Tensor& b_lo, const at::Tensor& b_exponent,
+                          const at::Tensor& b_fallback) {
+  check_matmul_args(a, b, 2, "mm_planes");
+  const int64_t n = b.size(1), k = b.size(0);
+  const int64_t rows_pad = round_up(n, cuda::kTileRows), k_pad = round_up(k, cuda::kTileK);
+  const auto expect = [&](const at::Tensor& t, const char* name, at::ScalarType dtype,
+                          at::IntArrayRef shape) {
+    TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous() &&
+                          t.device() == b.device(),
+                      "torch_hpc.mm_planes: expected argument '", name, "' to be a contiguous ",
+                      dtype, " tensor of shape ", shape, " on ", b.device(),
+                      " (torch_hpc.split_planes of b.t()), got ", t.scalar_type(), " of shape ",
+                      t.sizes(), " on ", t.device());
+  };
+  expect(b_hi, "b_hi", at::kHalf, {1, rows_pad, k_pad});
+  expect(b_lo, "b_lo", at::kHalf, {1, rows_pad, k_pad});
+  expect(b_exponent, "b_exponent", at::kInt, {1, rows_pad});
+  expect(b_fallback, "b_fallback", at::kInt, {1, rows_pad});
+  const Planes planes{b_hi, b_lo, b_exponent, b_fallback, rows_pad, k_pad};
+  return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
   m.impl("mm", &mm_cuda);
   m.impl("bmm", &bmm_cuda);
   m.impl("split", &split_cuda_op);
+  m.impl("split_planes", &split_planes_cuda);
+  m.impl("mm_planes", &mm_planes_cuda);
 }
 
 }  // namespace gemm
