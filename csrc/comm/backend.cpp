@@ -41,15 +41,6 @@ std::chrono::microseconds spin_time() {
   return spin;
 }
 
-// TORCH_HPC_INLINE=0 sends blocking CPU collectives through the worker thread too.
-bool inline_fast_path() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("TORCH_HPC_INLINE");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  return enabled;
-}
-
 template <typename Ready>
 bool spin_until(Ready ready) {
   const auto end = std::chrono::steady_clock::now() + spin_time();
@@ -248,8 +239,7 @@ std::chrono::milliseconds BackendHPCMPI::op_timeout(std::chrono::milliseconds re
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const char* name,
                                                      const std::vector<at::Tensor>& tensors,
                                                      std::vector<at::Tensor> result,
-                                                     std::chrono::milliseconds timeout, Entry entry,
-                                                     bool blocking) {
+                                                     std::chrono::milliseconds timeout, Entry entry) {
   const auto device = cuda_device_of(tensors, name);
   auto work = c10::make_intrusive<WorkHPCMPI>(rank_, type, name, std::move(result), device);
   if (device) {
@@ -268,30 +258,8 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!stop_, "torch_hpc hpc_mpi: ", name, " called after the process group was shut down");
-    // A blocking CPU collective (async_op=False) with nothing queued or running ahead of it runs
-    // on the caller's thread: program order is kept (the caller waits for it anyway), and its
-    // data, hot in the caller's cache, need not move to the worker's core. Measured: 1 MiB
-    // all_reduce through a second thread cost as much with raw mpi4py as with hpc_mpi.
-    if (blocking && !device && entry.run && inline_fast_path() && queue_.empty() && !worker_busy_ &&
-        pending_count_.load() == 0) {
-      inline_running_ = true;
-      running_name_ = name;
-      deadline_ns_ = entry.deadline.time_since_epoch().count();
-    } else {
-      queue_.push_back(std::move(entry));
-      queued_.store(queue_.size(), std::memory_order_release);
-      entry.work.reset();
-    }
-  }
-  if (entry.work) {
-    try {
-      run_entry(entry);
-    } catch (...) {
-      work->fail(std::current_exception());
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
-    inline_running_ = false;
-    deadline_ns_ = 0;
+    queue_.push_back(std::move(entry));
+    queued_.store(queue_.size(), std::memory_order_release);
   }
   cv_.notify_all();
   return work;
@@ -301,11 +269,10 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue(c10d::OpType type, const c
                                                       const std::vector<at::Tensor>& tensors,
                                                       std::vector<at::Tensor> result,
                                                       std::chrono::milliseconds timeout,
-                                                      bool blocking,
                                                       std::function<void(WorkHPCMPI&)> run) {
   Entry entry;
   entry.run = std::move(run);
-  return submit(type, name, tensors, std::move(result), timeout, std::move(entry), blocking);
+  return submit(type, name, tensors, std::move(result), timeout, std::move(entry));
 }
 
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue_p2p(
@@ -313,8 +280,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue_p2p(
     std::function<void(WorkHPCMPI&, Entry&)> post) {
   Entry entry;
   entry.post = std::move(post);
-  return submit(type, name, {tensor}, {tensor}, c10d::kUnsetTimeout, std::move(entry),
-                /*blocking=*/false);
+  return submit(type, name, {tensor}, {tensor}, c10d::kUnsetTimeout, std::move(entry));
 }
 
 void BackendHPCMPI::run_entry(Entry& entry) {
@@ -351,7 +317,6 @@ void BackendHPCMPI::poll_pending() {
     }
     it = pending_.erase(it);
   }
-  pending_count_.store(pending_.size());
 }
 
 void BackendHPCMPI::worker_loop() {
@@ -360,13 +325,12 @@ void BackendHPCMPI::worker_loop() {
     if (pending_.empty()) spin_until([&] { return queued_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      const auto runnable = [&] { return !queue_.empty() && !inline_running_; };
       if (pending_.empty()) {
-        cv_.wait(lock, [&] { return (stop_ && !inline_running_) || runnable(); });
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       } else {
-        cv_.wait_for(lock, std::chrono::microseconds(50), runnable);
+        cv_.wait_for(lock, std::chrono::microseconds(50), [&] { return !queue_.empty(); });
       }
-      if (!runnable()) {
+      if (queue_.empty()) {
         if (stop_ && pending_.empty()) {
           worker_done_ = true;
           cv_.notify_all();
@@ -381,18 +345,12 @@ void BackendHPCMPI::worker_loop() {
       queued_.store(queue_.size(), std::memory_order_release);
       running_name_ = entry.work->name();
       deadline_ns_ = entry.deadline.time_since_epoch().count();
-      worker_busy_ = true;
     }
     try {
       run_entry(entry);
       if (entry.post) pending_.push_back(std::move(entry));
     } catch (...) {
       entry.work->fail(std::current_exception());
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      worker_busy_ = false;
-      pending_count_.store(pending_.size());
     }
     deadline_ns_ = 0;
     poll_pending();
@@ -437,7 +395,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::broadcast(std::vector<at::Tensor>&
   const MPI_Datatype type = mpi_transfer_type(t.scalar_type(), "broadcast");
   const int count = mpi_count(t.numel(), "broadcast");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, tensors, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, tensors, opts.timeout,
                  [this, t, type, count, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor host = rank_ == root ? s.input(t) : s.output(t);
@@ -462,7 +420,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_coalesced(
   for (const auto& t : tensors) total += t.numel();
   const int count = mpi_count(total, name);
   const auto type = tensors.size() == 1 ? c10d::OpType::ALLREDUCE : c10d::OpType::ALLREDUCE_COALESCED;
-  return enqueue(type, name, tensors, tensors, opts.timeout, !opts.asyncOp,
+  return enqueue(type, name, tensors, tensors, opts.timeout,
                  [this, tensors, r, count, name](WorkHPCMPI& w) {
                    Staging s(w);
                    std::vector<at::Tensor> hosts;
@@ -506,7 +464,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce(std::vector<at::Tensor>& te
   const Reduction r = mpi_reduction(t.scalar_type(), opts.reduceOp, "reduce");
   const int count = mpi_count(t.numel(), "reduce");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::REDUCE, "reduce", tensors, tensors, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::REDUCE, "reduce", tensors, tensors, opts.timeout,
                  [this, t, r, count, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor host = s.input(t);
@@ -543,7 +501,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_coalesced(
   }
   std::vector<at::Tensor> all = flat_list(output_lists);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(output_lists), opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(output_lists), opts.timeout,
                  [this, output_lists, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -583,7 +541,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_into_tensor_coalesced(
   }
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::_ALLGATHER_BASE, name, all, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, name, all, outputs, opts.timeout,
                  [this, outputs, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -616,7 +574,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::gather(std::vector<std::vector<at:
   mpi_count(in.numel() * size_, "gather");
   std::vector<at::Tensor> all(outs);
   all.push_back(in);
-  return enqueue(c10d::OpType::GATHER, "gather", all, outs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::GATHER, "gather", all, outs, opts.timeout,
                  [this, in, outs, type, root](WorkHPCMPI& w) {
                    Staging s(w);
                    const at::Tensor host = s.input(in);
@@ -650,7 +608,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::scatter(std::vector<at::Tensor>& o
   mpi_count(out.numel() * size_, "scatter");
   std::vector<at::Tensor> all(ins);
   all.push_back(out);
-  return enqueue(c10d::OpType::SCATTER, "scatter", all, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::SCATTER, "scatter", all, outputs, opts.timeout,
                  [this, out, ins, type, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor flat;
@@ -678,7 +636,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce_scatter(
   mpi_count(out.numel() * size_, "reduce_scatter");
   std::vector<at::Tensor> ins = inputs[0], all = inputs[0];
   all.push_back(out);
-  return enqueue(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", all, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", all, outputs, opts.timeout,
                  [this, out, ins, r](WorkHPCMPI& w) {
                    Staging s(w);
                    std::vector<at::Tensor> parts;
@@ -720,7 +678,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce_scatter_tensor_coalesced(
   }
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, name, all, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, name, all, outputs, opts.timeout,
                  [this, outputs, inputs, reductions, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -767,7 +725,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall_base(at::Tensor& output, 
   const auto [send_counts, send_displs] = counts(input, input_splits, "input");
   const auto [recv_counts, recv_displs] = counts(output, output_splits, "output");
   std::vector<at::Tensor> outputs{output};
-  return enqueue(c10d::OpType::ALLTOALL_BASE, name, {output, input}, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::ALLTOALL_BASE, name, {output, input}, outputs, opts.timeout,
                  [=, this](WorkHPCMPI& w) {
                    Staging s(w);
                    const at::Tensor in = s.input(input);
@@ -798,7 +756,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall(std::vector<at::Tensor>& 
       recv_displs[p] = recv_displs[p - 1] + recv_counts[p - 1];
     }
   }
-  return enqueue(c10d::OpType::ALLTOALL, name, all, outputs, opts.timeout, !opts.asyncOp,
+  return enqueue(c10d::OpType::ALLTOALL, name, all, outputs, opts.timeout,
                  [=, this](WorkHPCMPI& w) {
                    Staging s(w);
                    std::vector<at::Tensor> parts;
@@ -815,7 +773,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall(std::vector<at::Tensor>& 
 }
 
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::barrier(const c10d::BarrierOptions& opts) {
-  return enqueue(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, !opts.asyncOp, [this](WorkHPCMPI&) {
+  return enqueue(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, [this](WorkHPCMPI&) {
     TORCH_HPC_MPI_CHECK("barrier", MPI_Barrier(comm_));
   });
 }

@@ -136,13 +136,11 @@ class BackendHPCMPI : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, const char* name,
                                         const std::vector<at::Tensor>& tensors,
                                         std::vector<at::Tensor> result,
-                                        std::chrono::milliseconds timeout, Entry entry,
-                                        bool blocking);
-  // blocking: the caller waits at once (async_op=False), so a CPU collective may run inline.
+                                        std::chrono::milliseconds timeout, Entry entry);
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
                                          const std::vector<at::Tensor>& tensors,
                                          std::vector<at::Tensor> result,
-                                         std::chrono::milliseconds timeout, bool blocking,
+                                         std::chrono::milliseconds timeout,
                                          std::function<void(WorkHPCMPI&)> run);
   c10::intrusive_ptr<c10d::Work> enqueue_p2p(c10d::OpType type, const char* name, at::Tensor tensor,
                                              std::function<void(WorkHPCMPI&, Entry&)> post);
@@ -160,9 +158,6 @@ class BackendHPCMPI : public c10d::Backend {
   std::deque<Entry> queue_;
   std::atomic<size_t> queued_{0};  // queue_.size(), read without the lock while spinning
   std::list<Entry> pending_;  // worker thread only
-  std::atomic<size_t> pending_count_{0};  // pending_.size() for other threads
-  bool worker_busy_ = false;     // guarded by mutex_: the worker runs an entry
-  bool inline_running_ = false;  // guarded by mutex_: a caller runs a blocking collective
   bool stop_ = false;
   bool shut_down_ = false;
   bool worker_done_ = false;
