@@ -82,6 +82,17 @@ def _step(lin, x):
     return out.detach(), lin.weight.grad.clone(), lin.bias.grad.clone(), x.grad.clone()
 
 
+def test_weight_split_ops_have_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        w = torch.empty(200, 300)
+        hi, lo, e, f = torch.ops.torch_hpc.split_planes(w)
+        out = torch.ops.torch_hpc.mm_planes(torch.empty(7, 300), w.t(), hi, lo, e, f)
+    assert hi.shape == lo.shape == (1, 256, 320) and hi.dtype == torch.float16
+    assert e.shape == f.shape == (1, 256) and e.dtype == torch.int32
+    assert out.shape == (7, 200) and out.dtype == torch.float32
+
+
 def test_weight_split_cache_is_cuda_only():
     lin = _twin_linears("cpu", True)
     lin(torch.randn(3, 300))

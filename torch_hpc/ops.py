@@ -88,6 +88,26 @@ def _split_fake(x):
             x.new_empty((rows,), dtype=torch.int32), x.new_empty((rows,), dtype=torch.bool))
 
 
+def _round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+# split_planes / mm_planes serve torch_hpc.nn.Linear's weight-split cache (CUDA kernels only;
+# the cache is bypassed under torch.compile, these let fake tensors through all the same).
+@torch.library.register_fake("torch_hpc::split_planes")
+def _split_planes_fake(x):
+    rows_pad, k_pad = _round_up(x.shape[0], 128), _round_up(x.shape[1], 64)
+    return (x.new_empty((1, rows_pad, k_pad), dtype=torch.float16),
+            x.new_empty((1, rows_pad, k_pad), dtype=torch.float16),
+            x.new_empty((1, rows_pad), dtype=torch.int32), x.new_empty((1, rows_pad), dtype=torch.int32))
+
+
+@torch.library.register_fake("torch_hpc::mm_planes")
+def _mm_planes_fake(a, b, b_hi, b_lo, b_exponent, b_fallback):
+    _check_matmul_args(a, b, 2, "mm_planes")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
 def _setup_context(ctx, inputs, output):
     a, b = inputs
     ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
