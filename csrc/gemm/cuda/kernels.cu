@@ -28,7 +28,7 @@ constexpr int kSplitRows = 32;
 constexpr int kSplitK = 64;            // k per write-pass block
 constexpr int kStatsChunk = 512;       // k per stats-pass block
 
-// tile[row][kk] = x[r0 + row, k0 + kk] for 32 rows x `kk_count` (a multiple of 32), 0 outside.
+// tile[row][kk] = x[r0 + row, k0 + kk] for 32 rows x Cols (a multiple of 32), 0 outside.
 template <int Cols>
 __device__ __forceinline__ void load_split_tile(const SplitParams& p, const float* x, int64_t r0,
                                                 int64_t k0, bool rows_fast,
