@@ -334,14 +334,24 @@ namespace {
 template <int Promote>
 cudaError_t launch_sm90(const CUtensorMap (&maps)[4], const GemmParams& p, int grid, int tiles_m,
                         int tiles_n, int total, cudaStream_t stream) {
-  static std::once_flag once;
-  static cudaError_t attr_err = cudaSuccess;
-  std::call_once(once, [] {
-    attr_err = cudaFuncSetAttribute(gemm_sm90_kernel<Promote>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(kSmemBytes));
-  });
-  if (attr_err != cudaSuccess) return attr_err;
+  // The shared-memory limit is raised once per device (the attribute is per device context).
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static bool raised[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices) return cudaErrorInvalidDevice;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!raised[device]) {
+      err = cudaFuncSetAttribute(gemm_sm90_kernel<Promote>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kSmemBytes));
+      if (err != cudaSuccess) return err;
+      raised[device] = true;
+    }
+  }
   gemm_sm90_kernel<Promote><<<grid, kThreads, kSmemBytes, stream>>>(
       maps[0], maps[1], maps[2], maps[3], p, tiles_m, tiles_n, total);
   return cudaGetLastError();
