@@ -37,8 +37,8 @@ fi
 
 if [[ " $PARTS " == *" comm "* ]]; then
   $PY -m pytest tests/test_hpc_mpi.py tests/test_mpi_world.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-comm.log" | tail -15
-  MPIEXEC=(mpiexec -n 2)
-  if mpiexec --version 2>&1 | grep -q "Open MPI\|OpenRTE"; then MPIEXEC+=(--oversubscribe --allow-run-as-root); fi
+  mapfile -t MPIEXEC < <($PY -c 'from torch_hpc.distributed.launcher import mpiexec_command
+print("\n".join(mpiexec_command(2)))')
   for dev in cpu cuda; do
     timeout 300 "${MPIEXEC[@]}" $PY benchmarks/comm.py --device $dev --out "$OUT" 2>/dev/null | tee "$OUT/comm-$dev.log" | tail -4
   done

@@ -14,11 +14,12 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from torch_hpc.distributed.launcher import mpiexec_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "examples", "train_digits.py")
@@ -26,12 +27,8 @@ CONFIGS = [("sync", None), ("async", None), ("async", 2)]
 
 
 def mpiexec(n):
-    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    exe = exe if os.path.exists(exe) else shutil.which("mpiexec")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
-    cmd = [exe, "-n", str(n)]
-    if "Open MPI" in version or "OpenRTE" in version:
-        cmd += ["--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    cmd = mpiexec_command(n, bind_to_none=True)
+    version = subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout
     return cmd, version.splitlines()[0] if version else "?"
 
 

@@ -10,14 +10,11 @@ OUT=benchmarks/results/local
 mkdir -p "$OUT"
 echo "== torch_hpc build: $("$PY" -c 'import torch_hpc, json; print(json.dumps(torch_hpc.build_info()))')"
 
-MPIEXEC=$(dirname "$PY")/mpiexec
-[ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec)
 CORES=$(nproc)
 RANKS=${RANKS:-$([ "$CORES" -ge 4 ] && echo 4 || echo 2)}
-LAUNCH=("$MPIEXEC" -n "$RANKS")
-if "$MPIEXEC" --version 2>&1 | grep -q "Open MPI\|OpenRTE"; then
-  LAUNCH+=(--oversubscribe --bind-to none); [ "$(id -u)" = 0 ] && LAUNCH+=(--allow-run-as-root)
-fi
+mapfile -t LAUNCH < <("$PY" -c 'import sys; from torch_hpc.distributed.launcher import mpiexec_command
+print("\n".join(mpiexec_command(int(sys.argv[1]), bind_to_none=True)))' "$RANKS")
+[ "${#LAUNCH[@]}" -gt 0 ] || { echo "main.sh: no mpiexec (examples/setup_env.sh installs MPICH)" >&2; exit 1; }
 echo "== 1/2 training: ${LAUNCH[*]} python examples/train_digits.py --mode async"
 OMP_NUM_THREADS=1 "${LAUNCH[@]}" "$PY" examples/train_digits.py --mode async --steps 300 \
   --report "$OUT/train_digits.json" | grep -v '^RESULT '

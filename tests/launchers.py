@@ -1,27 +1,23 @@
 """Runs worker scripts under real launchers (mpiexec, torchrun) and collects their reports."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from torch_hpc.distributed import launcher
+
 WORKERS = Path(__file__).resolve().parent / "distributed"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-BIN = Path(sys.executable).parent
 
 
 def mpiexec_command(n: int) -> list[str]:
-    exe = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else shutil.which("mpiexec")
-    if exe is None:
+    try:
+        return launcher.mpiexec_command(n)
+    except FileNotFoundError:
         pytest.skip("no mpiexec")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    cmd = [exe, "-n", str(n)]
-    if "Open MPI" in version or "OpenRTE" in version:  # MPICH's mpiexec rejects these flags
-        cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    return cmd
 
 
 def mpi_version() -> str:

@@ -1,6 +1,9 @@
 """Which launcher started this process, and the rank layout it gives."""
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
 
 # (launcher, rank, size, local rank, local size) variables, most specific first.
 _LAUNCHERS = [
@@ -56,3 +59,21 @@ def detect_launcher(env=None) -> LaunchInfo:
             raise RuntimeError(f"torch_hpc: {name} gave rank {rank} outside world size {size}")
         return LaunchInfo(rank, size, _int(env, lrank_var, rank), _int(env, lsize_var, size), name)
     return LaunchInfo(0, 1, 0, 1, "singleton")
+
+
+def mpiexec_command(n: int, bind_to_none: bool = False) -> list[str]:
+    """`mpiexec -n N` with the flags its MPI needs, the mpiexec beside this interpreter (a venv's
+    MPICH) first. Open MPI refuses more ranks than cores without --oversubscribe and root without
+    --allow-run-as-root; MPICH's mpiexec rejects both. bind_to_none: Open MPI binds each rank to
+    one core, which starves a rank's helper threads (the RMA progress thread, hpc_mpi's worker).
+    Raises FileNotFoundError when no mpiexec is found."""
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    exe = local if os.path.exists(local) else shutil.which("mpiexec")
+    if exe is None:
+        raise FileNotFoundError("torch_hpc: no mpiexec beside the interpreter or on PATH")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    cmd = [exe, "-n", str(n)]
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd += ["--oversubscribe"] + (["--bind-to", "none"] if bind_to_none else [])
+        cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return cmd
