@@ -2,10 +2,15 @@
 
     mpiexec -n 2 python benchmarks/comm.py                 # CPU tensors, 4 B ... 256 MiB
     mpiexec -n 2 python benchmarks/comm.py --device cuda   # CUDA tensors (mpi4py on host copies)
+    mpiexec -n 2 python benchmarks/comm.py --layers        # where hpc_mpi's per-call time goes
+
+--layers times one hpc_mpi operation entered at each layer: mpi4py (the MPI call alone), the
+hpc_mpi backend object, the ProcessGroup (c10d's dispatcher) and torch.distributed (Python).
 
 Bus bandwidth follows nccl-tests: all_reduce moves 2(n-1)/n of the buffer per rank, broadcast
 the buffer, all_gather (into one tensor) (n-1)/n of the output. Each time is the slowest rank's
-median over the repetitions; the three implementations take turns within each repetition.
+median over the repetitions; the three implementations run in blocks of back-to-back calls that
+take turns (--interleave: call by call).
 Rank 0 prints the table and writes JSON and a PNG.
 """
 import argparse
@@ -25,6 +30,7 @@ import torch_hpc
 
 OPS = ["all_reduce", "broadcast", "all_gather"]
 IMPLS = ["hpc_mpi", "gloo", "mpi4py"]
+LAYERS = ["mpi4py", "backend", "process_group", "hpc_mpi"]
 
 
 def bus_factor(op, n):
@@ -47,6 +53,19 @@ def make_call(op, impl, buf, out, gloo, comm, MPI):
         if op == "broadcast":
             return staged(lambda h, o: comm.Bcast(h, root=0))
         return staged(lambda h, o: comm.Allgather(h, o))
+    if impl in ("backend", "process_group"):  # the layers below torch.distributed's Python
+        pg = dist.group.WORLD
+        target = pg._get_backend(buf.device) if impl == "backend" else pg
+        from torch._C._distributed_c10d import AllgatherOptions, AllreduceOptions, BroadcastOptions
+        opts = {"all_reduce": AllreduceOptions, "broadcast": BroadcastOptions,
+                "all_gather": AllgatherOptions}[op]()
+        opts.asyncOp = False
+        if op == "all_reduce":
+            return lambda: target.allreduce([buf], opts).wait()
+        if op == "broadcast":
+            opts.rootRank = 0
+            return lambda: target.broadcast([buf], opts).wait()
+        return lambda: target._allgather_base(out, buf, opts).wait()
     group = gloo if impl == "gloo" else None
     if op == "all_reduce":
         return lambda: dist.all_reduce(buf, group=group)
@@ -55,21 +74,29 @@ def make_call(op, impl, buf, out, gloo, comm, MPI):
     return lambda: dist.all_gather_into_tensor(out, buf, group=group)
 
 
-def time_calls(calls, reps, comm, device):
-    """Median seconds per call, the slowest rank's. The implementations take turns, rotating
-    who goes first, so drift of a shared machine hits them alike."""
+def time_calls(calls, reps, comm, device, interleave=False, rounds=4):
+    """Median seconds per call, the slowest rank's; every call starts after a barrier.
+
+    Default: each implementation runs blocks of back-to-back calls (as a training loop or
+    nccl-tests would), the blocks taking turns over `rounds` rounds so drift of a shared machine
+    hits all alike; the first two calls of a block are warm-up. interleave=True instead rotates
+    the implementations call by call, so every call follows another library's call."""
     times = {name: [] for name in calls}
     names = list(calls)
-    for i in range(reps + 2):
-        for j in range(len(names)):
-            name = names[(i + j) % len(names)]
-            comm.Barrier()
-            t0 = time.perf_counter()
-            calls[name]()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - t0)
+    if interleave:
+        schedule = [(names[(i + j) % len(names)], i >= 2) for i in range(reps + 2) for j in range(len(names))]
+    else:
+        per_block = -(-reps // rounds)
+        schedule = [(names[(r + j) % len(names)], k >= 2) for r in range(rounds)
+                    for j in range(len(names)) for k in range(per_block + 2)]
+    for name, keep in schedule:
+        comm.Barrier()
+        t0 = time.perf_counter()
+        calls[name]()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if keep:
+            times[name].append(time.perf_counter() - t0)
     from mpi4py import MPI
     return {name: comm.allreduce(statistics.median(t), op=MPI.MAX) for name, t in times.items()}
 
@@ -82,13 +109,18 @@ def main():
     p.add_argument("--ops", nargs="*", default=OPS, choices=OPS)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--interleave", action="store_true",
+                   help="rotate the implementations call by call instead of in blocks")
+    p.add_argument("--layers", action="store_true",
+                   help="time hpc_mpi entered at each layer instead of hpc_mpi vs gloo vs mpi4py")
     args = p.parse_args()
+    impls = LAYERS if args.layers else IMPLS
 
     launch = torch_hpc.distributed.init("hpc_mpi")
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank, n = dist.get_rank(), dist.get_world_size()
-    gloo = dist.new_group(backend="gloo")
+    gloo = None if args.layers else dist.new_group(backend="gloo")
     device = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) \
         if args.device == "cuda" else torch.device("cpu")
     if args.device == "cuda":
@@ -107,12 +139,11 @@ def main():
         reps = int(min(200, max(10, 1e9 / max(size, 1) / n)))
         for op in args.ops:
             row = {"op": op, "bytes": numel * 4}
-            calls = {}
-            for impl in IMPLS:
-                buf = torch.full((numel,), float(rank + 1), device=device)
-                out = torch.empty(numel * n, device=device)
-                calls[impl] = make_call(op, impl, buf, out, gloo, comm, MPI)
-            measured = time_calls(calls, reps, comm, args.device)
+            # One input and one output buffer, shared by the three implementations.
+            buf = torch.full((numel,), float(rank + 1), device=device)
+            out = torch.empty(numel * n, device=device)
+            calls = {impl: make_call(op, impl, buf, out, gloo, comm, MPI) for impl in impls}
+            measured = time_calls(calls, reps, comm, args.device, args.interleave)
             for impl, seconds in measured.items():
                 row[impl] = {"us": seconds * 1e6,
                              "busbw_GBps": numel * 4 * (n if op == "all_gather" else 1)
@@ -121,39 +152,46 @@ def main():
             if rank == 0:
                 print(f"  {op:10s} {numel * 4:>10d} B  " + "  ".join(
                     f"{impl} {row[impl]['busbw_GBps']:7.2f} GB/s {row[impl]['us']:9.1f} us"
-                    for impl in IMPLS), file=sys.stderr, flush=True)
+                    for impl in impls), file=sys.stderr, flush=True)
         size *= 4
 
     if rank == 0:
-        print(f"\n{'op':10s} {'bytes':>10s} | " + " | ".join(f"{i:>22s}" for i in IMPLS)
-              + " | hpc/mpi4py | hpc/gloo")
+        others = [i for i in impls if i not in ("mpi4py", "gloo")]
+        header = [f"{i}/mpi4py" for i in others] + (["hpc_mpi/gloo"] if "gloo" in impls else [])
+        print(f"\n{'op':10s} {'bytes':>10s} | " + " | ".join(f"{i:>22s}" for i in impls)
+              + " | " + " | ".join(header))
         for r in rows:
-            cells = [f"{r[i]['busbw_GBps']:8.2f} GB/s {r[i]['us']:8.1f}us" for i in IMPLS]
-            print(f"{r['op']:10s} {r['bytes']:>10d} | " + " | ".join(cells) +
-                  f" | {r['hpc_mpi']['busbw_GBps'] / r['mpi4py']['busbw_GBps']:10.2f} | "
-                  f"{r['hpc_mpi']['busbw_GBps'] / r['gloo']['busbw_GBps']:8.2f}")
+            cells = [f"{r[i]['busbw_GBps']:8.2f} GB/s {r[i]['us']:8.1f}us" for i in impls]
+            quotients = [r[i]["busbw_GBps"] / r["mpi4py"]["busbw_GBps"] for i in others]
+            if "gloo" in impls:
+                quotients.append(r["hpc_mpi"]["busbw_GBps"] / r["gloo"]["busbw_GBps"])
+            print(f"{r['op']:10s} {r['bytes']:>10d} | " + " | ".join(cells) + " | " +
+                  " | ".join(f"{q:{len(h)}.2f}" for q, h in zip(quotients, header)))
         big = [r for r in rows if r["bytes"] >= 1 << 20]
         mid = [r for r in rows if r["bytes"] >= 64 << 10]
         summary = {
             "min_ratio_vs_mpi4py_at_1MiB_plus": min((r["hpc_mpi"]["busbw_GBps"] / r["mpi4py"]["busbw_GBps"]
                                                      for r in big), default=None),
-            "min_ratio_vs_gloo_at_64KiB_plus": min((r["hpc_mpi"]["busbw_GBps"] / r["gloo"]["busbw_GBps"]
-                                                    for r in mid), default=None),
         }
+        if "gloo" in impls:
+            summary["min_ratio_vs_gloo_at_64KiB_plus"] = min(
+                (r["hpc_mpi"]["busbw_GBps"] / r["gloo"]["busbw_GBps"] for r in mid), default=None)
         print(f"\nsummary: {json.dumps(summary)}")
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"comm-{args.device}-{n}ranks{'-' + args.tag if args.tag else ''}")
+        kind = "comm-layers" if args.layers else "comm"
+        stem = os.path.join(args.out, f"{kind}-{args.device}-{n}ranks{'-' + args.tag if args.tag else ''}")
         meta = {"machine": machine, "ranks": n, "mpi": mpi_version, "torch": torch.__version__,
                 "date": str(datetime.date.today()), "device": args.device,
+                "schedule": "interleaved" if args.interleave else "blocks",
                 "command": " ".join(["mpiexec", "-n", str(n), "python"] + sys.argv)}
         with open(stem + ".json", "w") as f:
             json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
-        plot(rows, stem + ".png", f"{n} ranks, {machine}, {meta['date']}")
+        plot(rows, impls, stem + ".png", f"{n} ranks, {machine}, {meta['date']}")
         print(f"wrote {stem}.json and {stem}.png")
     dist.destroy_process_group()
 
 
-def plot(rows, path, title):
+def plot(rows, impls, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,7 +199,7 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
     for ax, op in zip(axes[0], ops):
         sel = [r for r in rows if r["op"] == op]
-        for impl in IMPLS:
+        for impl in impls:
             ax.plot([r["bytes"] for r in sel], [r[impl]["busbw_GBps"] for r in sel], "o-", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -41,6 +41,15 @@ std::chrono::microseconds spin_time() {
   return spin;
 }
 
+// TORCH_HPC_INLINE=0 sends blocking CPU collectives through the worker thread too.
+bool inline_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("TORCH_HPC_INLINE");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled;
+}
+
 template <typename Ready>
 bool spin_until(Ready ready) {
   const auto end = std::chrono::steady_clock::now() + spin_time();
@@ -164,7 +173,7 @@ WorkHPCMPI::WorkHPCMPI(int rank, c10d::OpType type, std::string name, std::vecto
       result_(std::move(result)),
       cuda_device_(cuda_device),
       future_(c10::make_intrusive<c10::ivalue::Future>(
-          c10::ListType::create(c10::TensorType::get()),
+          c10::ListType::ofTensors(),
           cuda_device ? std::vector<c10::Device>{*cuda_device} : std::vector<c10::Device>{})) {}
 
 void WorkHPCMPI::complete(std::optional<c10::Stream> side_stream) {
@@ -220,14 +229,16 @@ BackendHPCMPI::~BackendHPCMPI() { shutdown(); }
 
 void BackendHPCMPI::shutdown() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     if (shut_down_) return;
     shut_down_ = true;
     stop_ = true;
+    cv_.wait(lock, [&] { return !inline_running_; });
   }
   cv_.notify_all();
   if (worker_.joinable()) worker_.join();
   if (watchdog_.joinable()) watchdog_.join();
+  retired_.clear();
   if (comm_ != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm_);
   comm_ = MPI_COMM_NULL;
 }
@@ -239,7 +250,8 @@ std::chrono::milliseconds BackendHPCMPI::op_timeout(std::chrono::milliseconds re
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const char* name,
                                                      const std::vector<at::Tensor>& tensors,
                                                      std::vector<at::Tensor> result,
-                                                     std::chrono::milliseconds timeout, Entry entry) {
+                                                     std::chrono::milliseconds timeout,
+                                                     bool async_op, Entry entry) {
   const auto device = cuda_device_of(tensors, name);
   auto work = c10::make_intrusive<WorkHPCMPI>(rank_, type, name, std::move(result), device);
   if (device) {
@@ -255,13 +267,40 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
   }
   entry.work = work;
   entry.deadline = Clock::now() + op_timeout(timeout);
+  std::vector<Entry> retired;  // released here, on the caller's thread, after the lock
+  bool run_here = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!stop_, "torch_hpc hpc_mpi: ", name, " called after the process group was shut down");
-    queue_.push_back(std::move(entry));
-    queued_.store(queue_.size(), std::memory_order_release);
+    retired.swap(retired_);
+    run_here = !async_op && !device && entry.run && inline_enabled() && queue_.empty() &&
+               !worker_busy_ && !inline_running_ && pending_count_ == 0;
+    if (run_here) {
+      inline_running_ = true;
+      running_name_ = name;
+      deadline_ns_ = entry.deadline.time_since_epoch().count();
+    } else {
+      queue_.push_back(std::move(entry));
+      queued_.store(queue_.size(), std::memory_order_release);
+    }
   }
-  cv_.notify_all();
+  if (!run_here) {
+    cv_.notify_all();
+    return work;
+  }
+  try {
+    run_entry(entry);
+  } catch (...) {
+    work->fail(std::current_exception());
+  }
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    inline_running_ = false;
+    deadline_ns_ = 0;
+    wake = !queue_.empty() || stop_;
+  }
+  if (wake) cv_.notify_all();
   return work;
 }
 
@@ -269,10 +308,11 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue(c10d::OpType type, const c
                                                       const std::vector<at::Tensor>& tensors,
                                                       std::vector<at::Tensor> result,
                                                       std::chrono::milliseconds timeout,
+                                                      bool async_op,
                                                       std::function<void(WorkHPCMPI&)> run) {
   Entry entry;
   entry.run = std::move(run);
-  return submit(type, name, tensors, std::move(result), timeout, std::move(entry));
+  return submit(type, name, tensors, std::move(result), timeout, async_op, std::move(entry));
 }
 
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue_p2p(
@@ -280,7 +320,8 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::enqueue_p2p(
     std::function<void(WorkHPCMPI&, Entry&)> post) {
   Entry entry;
   entry.post = std::move(post);
-  return submit(type, name, {tensor}, {tensor}, c10d::kUnsetTimeout, std::move(entry));
+  return submit(type, name, {tensor}, {tensor}, c10d::kUnsetTimeout, /*async_op=*/true,
+                std::move(entry));
 }
 
 void BackendHPCMPI::run_entry(Entry& entry) {
@@ -296,6 +337,11 @@ void BackendHPCMPI::run_entry(Entry& entry) {
     entry.run(work);
     work.complete(work.side_stream);
   }
+}
+
+void BackendHPCMPI::retire(Entry entry) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  retired_.push_back(std::move(entry));
 }
 
 void BackendHPCMPI::poll_pending() {
@@ -315,8 +361,20 @@ void BackendHPCMPI::poll_pending() {
     } catch (...) {
       it->work->fail(std::current_exception());
     }
+    retire(std::move(*it));
     it = pending_.erase(it);
   }
+  // Outstanding point-to-point requests are watched too: an unmatched recv times out.
+  int64_t earliest = 0;
+  for (const auto& e : pending_) {
+    const int64_t d = e.deadline.time_since_epoch().count();
+    earliest = earliest == 0 ? d : std::min(earliest, d);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  worker_busy_ = false;
+  pending_count_ = pending_.size();
+  deadline_ns_ = earliest;
+  if (earliest != 0) running_name_ = pending_.front().work->name();
 }
 
 void BackendHPCMPI::worker_loop() {
@@ -325,12 +383,14 @@ void BackendHPCMPI::worker_loop() {
     if (pending_.empty()) spin_until([&] { return queued_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock<std::mutex> lock(mutex_);
+      // Entries wait while a blocking collective runs on its caller's thread.
+      const auto runnable = [&] { return !queue_.empty() && !inline_running_; };
       if (pending_.empty()) {
-        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        cv_.wait(lock, [&] { return (stop_ && !inline_running_) || runnable(); });
       } else {
-        cv_.wait_for(lock, std::chrono::microseconds(50), [&] { return !queue_.empty(); });
+        cv_.wait_for(lock, std::chrono::microseconds(50), runnable);
       }
-      if (queue_.empty()) {
+      if (!runnable()) {
         if (stop_ && pending_.empty()) {
           worker_done_ = true;
           cv_.notify_all();
@@ -345,26 +405,21 @@ void BackendHPCMPI::worker_loop() {
       queued_.store(queue_.size(), std::memory_order_release);
       running_name_ = entry.work->name();
       deadline_ns_ = entry.deadline.time_since_epoch().count();
+      worker_busy_ = true;
     }
+    bool posted = false;
     try {
       run_entry(entry);
-      if (entry.post) pending_.push_back(std::move(entry));
+      posted = static_cast<bool>(entry.post);
     } catch (...) {
       entry.work->fail(std::current_exception());
     }
-    deadline_ns_ = 0;
+    if (posted) {
+      pending_.push_back(std::move(entry));
+    } else {
+      retire(std::move(entry));
+    }
     poll_pending();
-    // Outstanding point-to-point requests are watched too: an unmatched recv times out.
-    int64_t earliest = 0;
-    for (const auto& e : pending_) {
-      const int64_t d = e.deadline.time_since_epoch().count();
-      earliest = earliest == 0 ? d : std::min(earliest, d);
-    }
-    if (earliest != 0) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      running_name_ = pending_.front().work->name();
-      deadline_ns_ = earliest;
-    }
   }
 }
 
@@ -395,7 +450,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::broadcast(std::vector<at::Tensor>&
   const MPI_Datatype type = mpi_transfer_type(t.scalar_type(), "broadcast");
   const int count = mpi_count(t.numel(), "broadcast");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, tensors, opts.timeout,
+  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, tensors, opts.timeout, opts.asyncOp,
                  [this, t, type, count, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor host = rank_ == root ? s.input(t) : s.output(t);
@@ -420,12 +475,22 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_coalesced(
   for (const auto& t : tensors) total += t.numel();
   const int count = mpi_count(total, name);
   const auto type = tensors.size() == 1 ? c10d::OpType::ALLREDUCE : c10d::OpType::ALLREDUCE_COALESCED;
-  return enqueue(type, name, tensors, tensors, opts.timeout,
+  return enqueue(type, name, tensors, tensors, opts.timeout, opts.asyncOp,
                  [this, tensors, r, count, name](WorkHPCMPI& w) {
                    Staging s(w);
+                   // One tensor: no view ops. Caches are cold after a large reduction, and a
+                   // dispatcher call then cost up to 10 us per all_reduce.
+                   if (tensors.size() == 1) {
+                     at::Tensor host = s.input(tensors[0]);
+                     with_reduction_buffer(host, r, size_, [&](at::Tensor& buf) {
+                       allreduce_in_place(buf.data_ptr(), count, r.type, r.op, name);
+                     });
+                     s.commit(host, tensors[0]);
+                     return;
+                   }
                    std::vector<at::Tensor> hosts;
                    for (const auto& t : tensors) hosts.push_back(s.input(t).reshape({-1}));
-                   at::Tensor flat = hosts.size() == 1 ? hosts[0] : at::cat(hosts);
+                   at::Tensor flat = at::cat(hosts);
                    with_reduction_buffer(flat, r, size_, [&](at::Tensor& buf) {
                      allreduce_in_place(buf.data_ptr(), count, r.type, r.op, name);
                    });
@@ -464,7 +529,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce(std::vector<at::Tensor>& te
   const Reduction r = mpi_reduction(t.scalar_type(), opts.reduceOp, "reduce");
   const int count = mpi_count(t.numel(), "reduce");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::REDUCE, "reduce", tensors, tensors, opts.timeout,
+  return enqueue(c10d::OpType::REDUCE, "reduce", tensors, tensors, opts.timeout, opts.asyncOp,
                  [this, t, r, count, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor host = s.input(t);
@@ -501,7 +566,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_coalesced(
   }
   std::vector<at::Tensor> all = flat_list(output_lists);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(output_lists), opts.timeout,
+  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(output_lists), opts.timeout, opts.asyncOp,
                  [this, output_lists, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -541,7 +606,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_into_tensor_coalesced(
   }
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::_ALLGATHER_BASE, name, all, outputs, opts.timeout,
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, name, all, outputs, opts.timeout, opts.asyncOp,
                  [this, outputs, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -574,7 +639,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::gather(std::vector<std::vector<at:
   mpi_count(in.numel() * size_, "gather");
   std::vector<at::Tensor> all(outs);
   all.push_back(in);
-  return enqueue(c10d::OpType::GATHER, "gather", all, outs, opts.timeout,
+  return enqueue(c10d::OpType::GATHER, "gather", all, outs, opts.timeout, opts.asyncOp,
                  [this, in, outs, type, root](WorkHPCMPI& w) {
                    Staging s(w);
                    const at::Tensor host = s.input(in);
@@ -608,7 +673,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::scatter(std::vector<at::Tensor>& o
   mpi_count(out.numel() * size_, "scatter");
   std::vector<at::Tensor> all(ins);
   all.push_back(out);
-  return enqueue(c10d::OpType::SCATTER, "scatter", all, outputs, opts.timeout,
+  return enqueue(c10d::OpType::SCATTER, "scatter", all, outputs, opts.timeout, opts.asyncOp,
                  [this, out, ins, type, root](WorkHPCMPI& w) {
                    Staging s(w);
                    at::Tensor flat;
@@ -636,7 +701,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce_scatter(
   mpi_count(out.numel() * size_, "reduce_scatter");
   std::vector<at::Tensor> ins = inputs[0], all = inputs[0];
   all.push_back(out);
-  return enqueue(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", all, outputs, opts.timeout,
+  return enqueue(c10d::OpType::REDUCE_SCATTER, "reduce_scatter", all, outputs, opts.timeout, opts.asyncOp,
                  [this, out, ins, r](WorkHPCMPI& w) {
                    Staging s(w);
                    std::vector<at::Tensor> parts;
@@ -678,7 +743,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::reduce_scatter_tensor_coalesced(
   }
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, name, all, outputs, opts.timeout,
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, name, all, outputs, opts.timeout, opts.asyncOp,
                  [this, outputs, inputs, reductions, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
@@ -725,7 +790,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall_base(at::Tensor& output, 
   const auto [send_counts, send_displs] = counts(input, input_splits, "input");
   const auto [recv_counts, recv_displs] = counts(output, output_splits, "output");
   std::vector<at::Tensor> outputs{output};
-  return enqueue(c10d::OpType::ALLTOALL_BASE, name, {output, input}, outputs, opts.timeout,
+  return enqueue(c10d::OpType::ALLTOALL_BASE, name, {output, input}, outputs, opts.timeout, opts.asyncOp,
                  [=, this](WorkHPCMPI& w) {
                    Staging s(w);
                    const at::Tensor in = s.input(input);
@@ -756,7 +821,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall(std::vector<at::Tensor>& 
       recv_displs[p] = recv_displs[p - 1] + recv_counts[p - 1];
     }
   }
-  return enqueue(c10d::OpType::ALLTOALL, name, all, outputs, opts.timeout,
+  return enqueue(c10d::OpType::ALLTOALL, name, all, outputs, opts.timeout, opts.asyncOp,
                  [=, this](WorkHPCMPI& w) {
                    Staging s(w);
                    std::vector<at::Tensor> parts;
@@ -773,7 +838,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall(std::vector<at::Tensor>& 
 }
 
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::barrier(const c10d::BarrierOptions& opts) {
-  return enqueue(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, [this](WorkHPCMPI&) {
+  return enqueue(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, opts.asyncOp, [this](WorkHPCMPI&) {
     TORCH_HPC_MPI_CHECK("barrier", MPI_Barrier(comm_));
   });
 }

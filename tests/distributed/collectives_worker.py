@@ -227,6 +227,22 @@ def test_point_to_point_and_async():
     works = [dist.all_reduce(on(torch.ones(3) * i), async_op=True) for i in range(20)]
     for w in works:
         w.wait()
+    # Blocking collectives behind queued async ones (CPU: these may run on the caller's thread
+    # only once the queue is empty), and async work whose handle is dropped at once.
+    big = [on(value(RANK, numel=1 << 16, offset=i)) for i in range(3)]
+    works = [dist.all_reduce(b, async_op=True) for b in big]
+    dropped = on(value(RANK, numel=9))
+    dist.all_reduce(dropped, async_op=True)
+    small = on(value(RANK, numel=5))
+    dist.all_reduce(small)
+    dist.broadcast(small, src=N - 1)
+    check("blocking after async", small, on(reduce_ref([value(r, numel=5) for r in range(N)], R.SUM)))
+    if DEVICE.type == "cpu":  # one queue: the dropped op finished before the blocking ones
+        check("dropped async handle", dropped, reduce_ref([value(r, numel=9) for r in range(N)], R.SUM))
+    for i, (w, b) in enumerate(zip(works, big)):
+        w.wait()
+        check(f"queued async all_reduce {i}", b,
+              on(reduce_ref([value(r, numel=1 << 16, offset=i) for r in range(N)], R.SUM)))
     if RANK == 0:
         received = on(torch.zeros(1))
         senders = []
