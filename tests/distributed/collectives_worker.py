@@ -7,6 +7,8 @@ itself and prints 'RESULT {json}' with the failures it saw.
 import json
 import math
 import sys
+import threading
+import time
 import traceback
 import warnings
 
@@ -256,6 +258,30 @@ def test_point_to_point_and_async():
     dist.barrier()
 
 
+def test_blocking_collective_releases_gil():
+    """Rank 0 waits in a blocking all_reduce while the last rank sleeps; a Python thread on
+    rank 0 must keep running meanwhile."""
+    ticks, stop = [0], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+    thread = threading.Thread(target=tick)
+    thread.start()
+    if RANK == N - 1:
+        time.sleep(0.3)
+    before = ticks[0]
+    t = on(torch.ones(4))
+    dist.all_reduce(t)
+    during = ticks[0] - before
+    stop.set()
+    thread.join()
+    check("all_reduce after a late rank", t, on(torch.full((4,), float(N))))
+    if RANK == 0 and during < 20:
+        failures.append(f"GIL held during a blocking all_reduce: the other thread ran {during} times in ~0.3 s")
+
+
 def test_sub_groups():
     evens = list(range(0, N, 2))
     odd_first = list(range(N - 1, -1, -1))  # all ranks, given in reverse order
@@ -325,7 +351,8 @@ def test_ddp_matches_gloo():
 
 for name, fn in [("all_reduce", test_all_reduce), ("movement", test_movement),
                  ("reduce family", test_reduce_family), ("p2p/async", test_point_to_point_and_async),
-                 ("sub-groups", test_sub_groups), ("errors", test_errors)]:
+                 ("sub-groups", test_sub_groups), ("errors", test_errors),
+                 ("GIL", test_blocking_collective_releases_gil)]:
     run(name, fn)
 ddp_diff = math.nan
 try:
