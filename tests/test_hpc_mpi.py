@@ -72,6 +72,12 @@ def test_timeout_aborts_the_job():
     assert time.monotonic() - start < 40  # 3 s timeout, not rank 1's 60 s sleep
 
 
+def test_idle_after_finished_p2p_is_not_a_timeout():
+    proc, _ = run_workers("mpiexec", 2, "failure_worker.py", "idle", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("idle ok") == 2
+
+
 def test_exception_on_one_rank_ends_the_job():
     start = time.monotonic()  # `python -m mpi4py` turns an uncaught exception into MPI_Abort
     proc = subprocess.run(mpiexec_command(2) + [sys.executable, "-m", "mpi4py",
