@@ -364,7 +364,8 @@ void BackendHPCMPI::poll_pending() {
     retire(std::move(*it));
     it = pending_.erase(it);
   }
-  // Outstanding point-to-point requests are watched too: an unmatched recv times out.
+  // Publish the worker's state (it runs nothing now) for the caller-thread path and the
+  // watchdog. Outstanding point-to-point requests are watched too: an unmatched recv times out.
   int64_t earliest = 0;
   for (const auto& e : pending_) {
     const int64_t d = e.deadline.time_since_epoch().count();
@@ -478,22 +479,21 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_coalesced(
   return enqueue(type, name, tensors, tensors, opts.timeout, opts.asyncOp,
                  [this, tensors, r, count, name](WorkHPCMPI& w) {
                    Staging s(w);
-                   // One tensor: no view ops. Caches are cold after a large reduction, and a
-                   // dispatcher call then cost up to 10 us per all_reduce.
-                   if (tensors.size() == 1) {
-                     at::Tensor host = s.input(tensors[0]);
-                     with_reduction_buffer(host, r, size_, [&](at::Tensor& buf) {
-                       allreduce_in_place(buf.data_ptr(), count, r.type, r.op, name);
-                     });
-                     s.commit(host, tensors[0]);
-                     return;
+                   // One tensor is reduced as it is: no view ops after MPI returns, when caches
+                   // are cold and a dispatcher call cost up to 10 us per 1 MiB all_reduce.
+                   const bool single = tensors.size() == 1;
+                   at::Tensor flat;
+                   if (single) {
+                     flat = s.input(tensors[0]);
+                   } else {
+                     std::vector<at::Tensor> hosts;
+                     for (const auto& t : tensors) hosts.push_back(s.input(t).reshape({-1}));
+                     flat = at::cat(hosts);
                    }
-                   std::vector<at::Tensor> hosts;
-                   for (const auto& t : tensors) hosts.push_back(s.input(t).reshape({-1}));
-                   at::Tensor flat = at::cat(hosts);
                    with_reduction_buffer(flat, r, size_, [&](at::Tensor& buf) {
                      allreduce_in_place(buf.data_ptr(), count, r.type, r.op, name);
                    });
+                   if (single) return s.commit(flat, tensors[0]);
                    int64_t offset = 0;
                    for (const auto& t : tensors) {
                      s.commit(flat.narrow(0, offset, t.numel()), t);
