@@ -78,7 +78,7 @@ def sources(*patterns):
 with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
              and os.environ.get("TORCH_HPC_FORCE_CPU", "0") != "1")
 cxx_flags = ["-O3", "-g0", "-fopenmp", "-DTORCH_HPC_PYTHON_MODULE"]
-ops_sources = sources("ops.cpp", "gemm/*.cpp", "gemm/cpu/*.cpp")
+ops_sources = sources("gemm/*.cpp", "gemm/cpu/*.cpp")
 archs = []
 if with_cuda:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS

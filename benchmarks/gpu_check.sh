@@ -38,9 +38,9 @@ fi
 if [[ " $PARTS " == *" comm "* ]]; then
   $PY -m pytest tests/test_hpc_mpi.py tests/test_mpi_world.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-comm.log" | tail -15
   mapfile -t MPIEXEC < <($PY -c 'from torch_hpc.distributed.launcher import mpiexec_command
-print("\n".join(mpiexec_command(2)))')
+print("\n".join(mpiexec_command(2, python=True)))')
   for dev in cpu cuda; do
-    timeout 300 "${MPIEXEC[@]}" $PY benchmarks/comm.py --device $dev --out "$OUT" 2>/dev/null | tee "$OUT/comm-$dev.log" | tail -4
+    timeout 300 "${MPIEXEC[@]}" benchmarks/comm.py --device $dev --out "$OUT" 2>/dev/null | tee "$OUT/comm-$dev.log" | tail -4
   done
 fi
 

@@ -27,14 +27,14 @@ CONFIGS = [("sync", None), ("async", None), ("async", 2)]
 
 
 def mpiexec(n):
-    cmd = mpiexec_command(n, bind_to_none=True)
+    cmd = mpiexec_command(n, bind_to_none=True, python=True)
     version = subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout
     return cmd, version.splitlines()[0] if version else "?"
 
 
 def run(args, mode, staleness, straggler, seed, report_path):
     cmd, _ = mpiexec(args.ranks)
-    cmd += [sys.executable, EXAMPLE, "--quiet", "--mode", mode, "--model", args.model,
+    cmd += [EXAMPLE, "--quiet", "--mode", mode, "--model", args.model,
             "--width", str(args.width), "--steps", str(args.steps), "--eval-every",
             str(args.eval_every), "--seed", str(seed), "--device", args.device,
             "--report", report_path, "--target", str(args.target)]

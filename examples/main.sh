@@ -13,10 +13,10 @@ echo "== torch_hpc build: $("$PY" -c 'import torch_hpc, json; print(json.dumps(t
 CORES=$(nproc)
 RANKS=${RANKS:-$([ "$CORES" -ge 4 ] && echo 4 || echo 2)}
 mapfile -t LAUNCH < <("$PY" -c 'import sys; from torch_hpc.distributed.launcher import mpiexec_command
-print("\n".join(mpiexec_command(int(sys.argv[1]), bind_to_none=True)))' "$RANKS")
+print("\n".join(mpiexec_command(int(sys.argv[1]), bind_to_none=True, python=True)))' "$RANKS")
 [ "${#LAUNCH[@]}" -gt 0 ] || { echo "main.sh: no mpiexec (examples/setup_env.sh installs MPICH)" >&2; exit 1; }
-echo "== 1/2 training: ${LAUNCH[*]} python examples/train_digits.py --mode async"
-OMP_NUM_THREADS=1 "${LAUNCH[@]}" "$PY" examples/train_digits.py --mode async --steps 300 \
+echo "== 1/2 training: ${LAUNCH[*]} examples/train_digits.py --mode async"
+OMP_NUM_THREADS=1 "${LAUNCH[@]}" examples/train_digits.py --mode async --steps 300 \
   --report "$OUT/train_digits.json" | grep -v '^RESULT '
 echo "== 2/2 GEMM: python benchmarks/gemm.py"
 "$PY" benchmarks/gemm.py --out "$OUT" "$@"

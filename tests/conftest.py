@@ -1,5 +1,11 @@
-import os
+import pytest
 
-# Tests exercise the emulation kernels for every shape; the SGEMM fallback for shapes too small
-# to fill the GPU has its own test (subprocess with the default setting).
-os.environ.setdefault("TORCH_HPC_SGEMM_FALLBACK", "0")
+import torch_hpc
+
+
+@pytest.fixture(autouse=True)
+def emulate_every_shape():
+    """Tests exercise the emulation kernels for every shape; the SGEMM fallback for products too
+    small to fill the GPU has its own test, which turns it on."""
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+        yield

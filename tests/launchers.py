@@ -13,9 +13,9 @@ WORKERS = Path(__file__).resolve().parent / "distributed"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def mpiexec_command(n: int) -> list[str]:
+def mpiexec_command(n: int, python: bool = False) -> list[str]:
     try:
-        return launcher.mpiexec_command(n)
+        return launcher.mpiexec_command(n, python=python)
     except FileNotFoundError:
         pytest.skip("no mpiexec")
 
@@ -40,7 +40,7 @@ def torchrun_command(n: int) -> list[str]:
 
 def run_script(launcher: str, n: int, path: Path, *args, timeout=120, env=None):
     """Returns (completed process, list of the JSON reports that ranks printed as 'RESULT ...')."""
-    base = mpiexec_command(n) + [sys.executable] if launcher == "mpiexec" else torchrun_command(n)
+    base = mpiexec_command(n, python=True) if launcher == "mpiexec" else torchrun_command(n)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(base + [str(path), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=full_env)

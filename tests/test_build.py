@@ -1,7 +1,10 @@
 """build_info() and the errors of a missing or mismatched compiled module."""
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +41,34 @@ def test_import_does_not_initialise_mpi():
             "print(any(m.startswith('mpi4py') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_editable_install_works_offline(tmp_path):
+    """The README's `pip install --no-build-isolation -e .` on a machine without network (an HPC
+    compute node): no step may try to download build requirements. Builds a copy of the
+    checkout into a fresh venv that sees this one's packages (torch, setuptools, pip)."""
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    Path(site_dir, "parent_venv.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")))
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS="", TORCH_HPC_NO_MPI="1", MAX_JOBS="2",
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    proc = subprocess.run([str(python), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                           "-e", str(src)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = subprocess.run([str(python), "-c", "import torch_hpc; print(torch_hpc.__file__)"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().startswith(str(src)), out.stderr[-2000:]

@@ -1,8 +1,5 @@
 """Accuracy and semantics of torch_hpc.mm / bmm / matmul / linear against fp64 references."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -242,7 +239,7 @@ def test_cuda_large_square_beats_sgemm(n):
 @requires_cuda
 @pytest.mark.parametrize("batch,m,k,n", [(1, 128, 64, 128), (1, 300, 1000, 200), (1, 1, 1, 1),
                                          (3, 1000, 200, 1500), (2, 129, 4099, 257)])
-def test_cuda_kernels_agree_with_fp64(monkeypatch, batch, m, k, n):
+def test_cuda_kernels_agree_with_fp64(batch, m, k, n):
     """Both CUDA kernels (mma.sync everywhere; wgmma on compute capability 9.0) meet the accuracy
     contract; 3x1000x1500 has more 128x128 tiles than an H100 has SMs, so each persistent block
     of the wgmma kernel takes several tiles and its pipeline wraps across them."""
@@ -251,9 +248,9 @@ def test_cuda_kernels_agree_with_fp64(monkeypatch, batch, m, k, n):
     b = torch.randn(batch, k, n, device="cuda", generator=gen)
     outputs = {}
     for kernel in ("sm80", "auto"):
-        monkeypatch.setenv("TORCH_HPC_GEMM_KERNEL", kernel)
         poison_allocator("cuda", 4 * batch * m * n)
-        outputs[kernel] = c = torch_hpc.bmm(a, b)
+        with torch_hpc.backends.gemm.flags(kernel=kernel):
+            outputs[kernel] = c = torch_hpc.bmm(a, b)
         for i in range(batch):
             ref = _check_product(c[i], a[i], b[i], i, kernel)
             if k >= 256:  # near K = 64 the split's own floor and fp32's error are alike
@@ -334,25 +331,32 @@ def test_accuracy_does_not_depend_on_magnitude_cpu():
 
 @requires_cuda
 def test_small_grids_fall_back_to_sgemm_without_tf32():
-    code = """
-import torch, torch_hpc
-torch.backends.cuda.matmul.allow_tf32 = True
-g = torch.Generator(device="cuda").manual_seed(0)
-a = torch.randn(64, 1024, device="cuda", generator=g); b = torch.randn(1024, 512, device="cuda", generator=g)
-c = torch_hpc.mm(a, b)
-tf32_left_on = torch.backends.cuda.matmul.allow_tf32
-torch.backends.cuda.matmul.allow_tf32 = False
-print(int(torch.equal(c, a @ b)), int(tf32_left_on))
-"""
-    out = {}
-    for setting in ("1", "0"):
-        env = dict(os.environ, TORCH_HPC_SGEMM_FALLBACK=setting)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              timeout=120, check=False)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out[setting] = proc.stdout.split()
-    assert out["1"] == ["1", "1"]  # cuBLAS SGEMM, TF32 off for it and restored after
-    assert out["0"][0] == "0"      # the emulation kernel
+    g = generator("cuda", 0)
+    a = torch.randn(64, 1024, device="cuda", generator=g)
+    b = torch.randn(1024, 512, device="cuda", generator=g)
+    sgemm = fp32_reference_product(a, b)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=True):
+            c = torch_hpc.mm(a, b)
+            tf32_left_on = torch.backends.cuda.matmul.allow_tf32
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+            emulated = torch_hpc.mm(a, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert torch.equal(c, sgemm) and tf32_left_on  # cuBLAS SGEMM, TF32 off for it and restored
+    assert not torch.equal(emulated, sgemm)        # the emulation kernel
+
+
+@requires_cuda
+def test_forcing_sm90_where_it_cannot_run_is_a_clear_error():
+    if torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in torch_hpc.build_info()["cuda_archs"]:
+        pytest.skip("the wgmma kernel runs here")
+    a = torch.randn(256, 256, device="cuda")
+    with torch_hpc.backends.gemm.flags(kernel="sm90", sgemm_fallback=False):
+        with pytest.raises(RuntimeError, match="backends.gemm.kernel is 'sm90'"):
+            torch_hpc.mm(a, a)
 
 
 @requires_cuda

@@ -1,7 +1,8 @@
 """The hpc_mpi backend under real launchers: every op x dtype x reduce op, sub-groups, async
-ops, errors, DDP against gloo, timeouts and failures that end the job instead of hanging."""
+ops, errors, DDP against gloo (one collected test per case and launcher), timeouts and failures
+that end the job instead of hanging."""
+import functools
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,10 +14,22 @@ from launchers import WORKERS, mpiexec_command, run_workers, torchrun_supported
 
 pytestmark = pytest.mark.skipif(not torch_hpc.build_info().get("mpi"),
                                 reason="torch_hpc was built without MPI")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _launchers(n_torchrun=2):
-    return [("mpiexec", 2), ("mpiexec", 4), ("torchrun", n_torchrun)]
+DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+          "bool"]
+# The cases collectives_worker.py reports, each a test of its own: `pytest -k reduce_scatter`.
+CASES = ([f"{op}-{dtype}" for op in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+                                     "gather", "scatter", "all_to_all_single", "reduce",
+                                     "reduce_scatter", "reduce_scatter_tensor") for dtype in DTYPES]
+         + [f"send_recv-{dtype}" for dtype in ("float32", "float16", "int64", "bool")]
+         + ["all_reduce_noncontiguous", "all_reduce_1M", "all_to_all_single_uneven", "all_to_all",
+            "all_reduce_coalesced", "isend_irecv", "batch_isend_irecv", "async_all_reduce",
+            "async_queue", "recv_any_source", "sub_groups", "errors", "gil_release", "ddp_vs_gloo"])
+RUNS = [("mpiexec", 2, "cpu"), ("mpiexec", 4, "cpu"), ("torchrun", 2, "cpu"),
+        pytest.param("mpiexec", 2, "cuda", marks=requires_gpu),
+        pytest.param("torchrun", 2, "cuda", marks=requires_gpu)]
 
 
 def test_backend_is_registered_without_initialising_mpi():
@@ -25,36 +38,46 @@ def test_backend_is_registered_without_initialising_mpi():
     assert dist.Backend.backend_list.count("hpc_mpi") == 1
 
 
-def _check_reports(proc, reports, n, min_checks=150):
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stderr[-3000:]
-    for r in reports:
-        assert r["size"] == n
-        assert not r["failures"], f"rank {r['rank']}: " + "\n".join(r["failures"][:20])
-        assert r["checks"] >= min_checks
-
-
 def _skip_torchrun_without_mpich(launcher):
     if launcher == "torchrun" and not torchrun_supported():
         pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4 "
                     "(see test_torchrun_with_other_mpi_fails_clearly)")
 
 
-@pytest.mark.parametrize("launcher,n", _launchers())
-def test_collectives_cpu(launcher, n):
-    _skip_torchrun_without_mpich(launcher)
-    proc, reports = run_workers(launcher, n, "collectives_worker.py", "cpu", timeout=300)
-    _check_reports(proc, reports, n)
-    assert all(r["ddp_max_diff"] <= (1e-6 if n == 2 else 1e-5) for r in reports)
+@functools.cache
+def _collectives(launcher, n, device):
+    """One run of the worker per launcher, world size and device, shared by its cases."""
+    proc, reports = run_workers(launcher, n, "collectives_worker.py", device, timeout=300)
+    return proc, {r["rank"]: r for r in reports}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
-def test_collectives_cuda(launcher):
+def _run_ok(launcher, n, device):
     _skip_torchrun_without_mpich(launcher)
-    proc, reports = run_workers(launcher, 2, "collectives_worker.py", "cuda", timeout=300)
-    _check_reports(proc, reports, 2)
-    assert all(r["device"].startswith("cuda") for r in reports)
+    proc, reports = _collectives(launcher, n, device)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert sorted(reports) == list(range(n)), proc.stderr[-3000:]
+    assert all(r["size"] == n and r["device"].startswith(device) for r in reports.values())
+    return reports
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("launcher,n,device", RUNS)
+def test_collective(launcher, n, device, case):
+    reports = _run_ok(launcher, n, device)
+    results = [r["cases"].get(case) for r in reports.values()]
+    assert all(res is not None for res in results), f"the worker ran no case {case!r}"
+    assert sum(res["checks"] for res in results) > 0, f"case {case!r} checked nothing"
+    failures = [f"rank {rank}: {f}" for rank, r in reports.items() for f in r["cases"][case]["failures"]]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("launcher,n,device", RUNS)
+def test_collectives_worker_reports_only_listed_cases(launcher, n, device):
+    reports = _run_ok(launcher, n, device)
+    for rank, r in reports.items():
+        outside = r["cases"].pop("setup", {"failures": []})["failures"]  # failures outside any case
+        assert not outside, f"rank {rank}: " + "\n".join(outside)
+        assert set(r["cases"]) == set(CASES), sorted(set(r["cases"]) ^ set(CASES))
 
 
 def test_torchrun_with_other_mpi_fails_clearly():
@@ -80,7 +103,7 @@ def test_idle_after_finished_p2p_is_not_a_timeout():
 
 def test_exception_on_one_rank_ends_the_job():
     start = time.monotonic()  # `python -m mpi4py` turns an uncaught exception into MPI_Abort
-    proc = subprocess.run(mpiexec_command(2) + [sys.executable, "-m", "mpi4py",
+    proc = subprocess.run(mpiexec_command(2, python=True) + ["-m", "mpi4py",
                                                 str(WORKERS / "failure_worker.py"), "raise"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "planted failure on rank 1" in proc.stderr

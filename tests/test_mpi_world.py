@@ -1,7 +1,11 @@
 """torch_hpc.distributed: launcher detection and one MPI world under mpiexec and torchrun."""
+import os
+import subprocess
+import sys
+
 import pytest
 
-from launchers import mpich_family, run_workers, torchrun_supported
+from launchers import mpich_family, mpiexec_command, run_workers, torchrun_supported
 from torch_hpc.distributed import detect_launcher
 
 
@@ -45,3 +49,19 @@ def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
             assert r["shared_memory_peers"] == n
             assert r["rma"]  # the self-test's concurrent accumulates were exact
         assert r["launcher"] == ("torchrun" if launcher == "torchrun" else r["launcher"])
+
+
+def test_mpiexec_command_runs_this_interpreter_whatever_path_says(tmp_path):
+    """Open MPI's mpiexec, run by absolute path, puts its own bin/ first on the ranks' PATH,
+    where `python3` is often the system's interpreter without torch. The launch command names
+    this interpreter by absolute path, so a `python3` earlier on PATH must not matter."""
+    for name in ("python", "python3"):
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\necho 'the wrong interpreter ran' >&2\nexit 3\n")
+        fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code = "import sys, torch_hpc; print('RANK_RAN', sys.executable)"
+    proc = subprocess.run(mpiexec_command(2, python=True) + ["-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(f"RANK_RAN {sys.executable}") == 2, proc.stdout

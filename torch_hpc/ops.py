@@ -8,6 +8,8 @@ to the ordinary PyTorch op, and so does everything under autocast.
 import torch
 from torch import Tensor
 
+from . import _C  # the kernels' plane padding (TILE_ROWS, TILE_K), for the fake impls
+
 _ops = torch.ops.torch_hpc
 
 
@@ -96,7 +98,7 @@ def _round_up(v, m):
 # the cache is bypassed under torch.compile, these let fake tensors through all the same).
 @torch.library.register_fake("torch_hpc::split_planes")
 def _split_planes_fake(x):
-    rows_pad, k_pad = _round_up(x.shape[0], 128), _round_up(x.shape[1], 64)
+    rows_pad, k_pad = _round_up(x.shape[0], _C.TILE_ROWS), _round_up(x.shape[1], _C.TILE_K)
     return (x.new_empty((1, rows_pad, k_pad), dtype=torch.float16),
             x.new_empty((1, rows_pad, k_pad), dtype=torch.float16),
             x.new_empty((1, rows_pad), dtype=torch.int32), x.new_empty((1, rows_pad), dtype=torch.int32))

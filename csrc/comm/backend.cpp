@@ -6,7 +6,6 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
-#include <sched.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -26,33 +25,10 @@ c10::impl::VirtualGuardImpl& cuda_guard_impl() {
 
 // Both handoffs (caller -> worker, worker -> caller) spin a little before sleeping on a
 // condition variable: a futex wake-up costs tens of microseconds per collective. Spinning only
-// pays where cores are spare: default 50 us when this process may run on >= 4 CPUs (mpirun's
-// default binding of a rank to one core makes the spinning thread steal the worker's core),
-// else none; TORCH_HPC_SPIN_US overrides.
-std::chrono::microseconds spin_time() {
-  static const std::chrono::microseconds spin = [] {
-    if (const char* env = std::getenv("TORCH_HPC_SPIN_US")) return std::chrono::microseconds(std::atoi(env));
-    cpu_set_t allowed;
-    CPU_ZERO(&allowed);
-    const int cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0 ? CPU_COUNT(&allowed)
-                                                                           : static_cast<int>(std::thread::hardware_concurrency());
-    return std::chrono::microseconds(cpus >= 4 ? 50 : 0);
-  }();
-  return spin;
-}
-
-// TORCH_HPC_INLINE=0 sends blocking CPU collectives through the worker thread too.
-bool inline_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("TORCH_HPC_INLINE");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  return enabled;
-}
-
+// pays where cores are spare (BackendOptions::spin; torch_hpc.distributed.Options chooses it).
 template <typename Ready>
-bool spin_until(Ready ready) {
-  const auto end = std::chrono::steady_clock::now() + spin_time();
+bool spin_until(std::chrono::microseconds spin, Ready ready) {
+  const auto end = std::chrono::steady_clock::now() + spin;
   do {
     if (ready()) return true;
     std::this_thread::yield();
@@ -167,14 +143,15 @@ std::vector<at::Tensor> flat_list(const std::vector<std::vector<at::Tensor>>& li
 
 // ------------------------------------------------------------------------------------------
 WorkHPCMPI::WorkHPCMPI(int rank, c10d::OpType type, std::string name, std::vector<at::Tensor> result,
-                       std::optional<at::Device> cuda_device)
+                       std::optional<at::Device> cuda_device, std::chrono::microseconds spin)
     : c10d::Work(rank, type),
       name_(std::move(name)),
       result_(std::move(result)),
       cuda_device_(cuda_device),
       future_(c10::make_intrusive<c10::ivalue::Future>(
           c10::ListType::ofTensors(),
-          cuda_device ? std::vector<c10::Device>{*cuda_device} : std::vector<c10::Device>{})) {}
+          cuda_device ? std::vector<c10::Device>{*cuda_device} : std::vector<c10::Device>{})),
+      spin_(spin) {}
 
 void WorkHPCMPI::complete(std::optional<c10::Stream> side_stream) {
   if (side_stream) {
@@ -193,7 +170,7 @@ void WorkHPCMPI::fail(std::exception_ptr error) {
 }
 
 bool WorkHPCMPI::wait(std::chrono::milliseconds timeout) {
-  spin_until([&] { return done_.load(std::memory_order_acquire); });
+  spin_until(spin_, [&] { return done_.load(std::memory_order_acquire); });
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (timeout == kNoTimeout) {
@@ -211,8 +188,9 @@ bool WorkHPCMPI::wait(std::chrono::milliseconds timeout) {
 }
 
 // ------------------------------------------------------------------------------------------
-BackendHPCMPI::BackendHPCMPI(MPI_Comm parent, int rank, int size, std::chrono::milliseconds timeout)
-    : c10d::Backend(rank, size), timeout_(timeout) {
+BackendHPCMPI::BackendHPCMPI(MPI_Comm parent, int rank, int size, std::chrono::milliseconds timeout,
+                             BackendOptions options)
+    : c10d::Backend(rank, size), timeout_(timeout), options_(options) {
   TORCH_HPC_MPI_CHECK("creating the communicator", MPI_Comm_dup(parent, &comm_));
   TORCH_HPC_MPI_CHECK("creating the communicator", MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   int mpi_rank = -1, mpi_size = -1;
@@ -253,7 +231,8 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
                                                      std::chrono::milliseconds timeout,
                                                      bool async_op, Entry entry) {
   const auto device = cuda_device_of(tensors, name);
-  auto work = c10::make_intrusive<WorkHPCMPI>(rank_, type, name, std::move(result), device);
+  auto work = c10::make_intrusive<WorkHPCMPI>(rank_, type, name, std::move(result), device,
+                                              options_.spin);
   if (device) {
     auto& impl = cuda_guard_impl();
     work->ready_event = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
@@ -273,7 +252,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!stop_, "torch_hpc hpc_mpi: ", name, " called after the process group was shut down");
     retired.swap(retired_);
-    run_here = !async_op && !device && entry.run && inline_enabled() && queue_.empty() &&
+    run_here = !async_op && !device && entry.run && options_.inline_blocking && queue_.empty() &&
                !worker_busy_ && !inline_running_ && pending_count_ == 0;
     if (run_here) {
       inline_running_ = true;
@@ -381,7 +360,8 @@ void BackendHPCMPI::poll_pending() {
 void BackendHPCMPI::worker_loop() {
   for (;;) {
     Entry entry;
-    if (pending_.empty()) spin_until([&] { return queued_.load(std::memory_order_acquire) > 0; });
+    if (pending_.empty())
+      spin_until(options_.spin, [&] { return queued_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock<std::mutex> lock(mutex_);
       // Entries wait while a blocking collective runs on its caller's thread.
@@ -502,15 +482,12 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_coalesced(
                  });
 }
 
-// Large buffers are reduced in pieces that stay in cache (TORCH_HPC_ALLREDUCE_CHUNK_BYTES,
+// Large buffers are reduced in pieces that stay in cache (BackendOptions::allreduce_chunk_bytes,
 // default 4 MiB; 0 disables): shared-memory reductions of 64-256 MiB run at half the bandwidth
 // of 4 MiB ones.
 void BackendHPCMPI::allreduce_in_place(void* data, int count, MPI_Datatype type, MPI_Op op,
                                        const char* name) {
-  static const int64_t chunk_bytes = [] {
-    const char* env = std::getenv("TORCH_HPC_ALLREDUCE_CHUNK_BYTES");
-    return env ? std::atoll(env) : int64_t(4) << 20;
-  }();
+  const int64_t chunk_bytes = options_.allreduce_chunk_bytes;
   int elem = 0;
   TORCH_HPC_MPI_CHECK(name, MPI_Type_size(type, &elem));
   const int chunk = chunk_bytes > 0 ? static_cast<int>(std::max<int64_t>(1, chunk_bytes / elem)) : count;

@@ -36,10 +36,21 @@
 namespace torch_hpc {
 namespace comm {
 
+// The backend's tuning, from torch_hpc.distributed.Options (the pg_options of
+// init_process_group / new_group).
+struct BackendOptions {
+  // A blocking CPU collective with nothing queued or running runs on the caller's thread.
+  bool inline_blocking = true;
+  // How long a handoff (caller <-> worker) spins before sleeping on a condition variable.
+  std::chrono::microseconds spin{0};
+  // Large allreduces run in pieces of this many bytes (0: whole).
+  int64_t allreduce_chunk_bytes = int64_t(4) << 20;
+};
+
 class WorkHPCMPI : public c10d::Work {
  public:
   WorkHPCMPI(int rank, c10d::OpType type, std::string name, std::vector<at::Tensor> result,
-             std::optional<at::Device> cuda_device);
+             std::optional<at::Device> cuda_device, std::chrono::microseconds spin);
 
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
@@ -67,12 +78,14 @@ class WorkHPCMPI : public c10d::Work {
   std::unique_ptr<c10::Event> done_event_;
   int source_rank_ = -1;
   std::atomic<bool> done_{false};  // lets wait() spin briefly before it sleeps
+  std::chrono::microseconds spin_;
 };
 
 class BackendHPCMPI : public c10d::Backend {
  public:
   // Takes a duplicate of `parent` (collective over its members) for its own use.
-  BackendHPCMPI(MPI_Comm parent, int rank, int size, std::chrono::milliseconds timeout);
+  BackendHPCMPI(MPI_Comm parent, int rank, int size, std::chrono::milliseconds timeout,
+                BackendOptions options);
   ~BackendHPCMPI() override;
 
   const std::string getBackendName() const override { return "hpc_mpi"; }
@@ -159,6 +172,7 @@ class BackendHPCMPI : public c10d::Backend {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::chrono::milliseconds timeout_;
+  const BackendOptions options_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Entry> queue_;

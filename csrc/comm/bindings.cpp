@@ -17,14 +17,19 @@ std::mutex registry_mutex;
 std::vector<c10::weak_intrusive_ptr<BackendHPCMPI>> registry;
 
 c10::intrusive_ptr<c10d::Backend> create_backend(int64_t comm_handle, int rank, int size,
-                                                 double timeout_seconds) {
+                                                 double timeout_seconds, bool inline_blocking,
+                                                 int64_t spin_us, int64_t allreduce_chunk_bytes) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   TORCH_CHECK(initialized, "torch_hpc hpc_mpi: MPI is not initialised (use torch_hpc.distributed.init)");
   const MPI_Comm parent = MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle));
+  BackendOptions options;
+  options.inline_blocking = inline_blocking;
+  options.spin = std::chrono::microseconds(spin_us);
+  options.allreduce_chunk_bytes = allreduce_chunk_bytes;
   auto backend = c10::make_intrusive<BackendHPCMPI>(
-      parent, rank, size,
-      std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000.0)));
+      parent, rank, size, std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000.0)),
+      options);
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry.emplace_back(backend);
   return backend;
@@ -56,7 +61,8 @@ std::string library_version() {
 PYBIND11_MODULE(_comm, m) {
   namespace tc = torch_hpc::comm;
   m.def("create_backend", &tc::create_backend, py::arg("comm_handle"), py::arg("rank"),
-        py::arg("size"), py::arg("timeout_seconds"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("size"), py::arg("timeout_seconds"), py::arg("inline_blocking"), py::arg("spin_us"),
+        py::arg("allreduce_chunk_bytes"), py::call_guard<py::gil_scoped_release>(),
         "An hpc_mpi backend over a duplicate of the MPI communicator (Fortran handle).");
   m.def("shutdown_all", &tc::shutdown_all, py::call_guard<py::gil_scoped_release>());
   m.def("library_version", &tc::library_version);

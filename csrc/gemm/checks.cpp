@@ -1,4 +1,4 @@
-#include "gemm.h"
+#include "checks.h"
 
 #include <c10/util/Exception.h>
 

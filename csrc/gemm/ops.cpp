@@ -1,13 +1,9 @@
-// Every torch_hpc op schema, and the composite ops (matmul, linear) built on mm/bmm.
+// Every torch_hpc op schema (one TORCH_LIBRARY), and the composite ops (matmul, linear) built on mm/bmm.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "gemm/gemm.h"
-
-#ifdef TORCH_HPC_PYTHON_MODULE
-#include <Python.h>
-#endif
+#include "checks.h"
 
 namespace torch_hpc {
 namespace {
@@ -113,10 +109,3 @@ TORCH_LIBRARY_IMPL(torch_hpc, CompositeImplicitAutograd, m) {
 
 }  // namespace torch_hpc
 
-#ifdef TORCH_HPC_PYTHON_MODULE
-// Importing torch_hpc._C loads this library, which registers the ops above.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif

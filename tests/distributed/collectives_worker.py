@@ -1,11 +1,13 @@
 """Run under mpiexec or torchrun: every hpc_mpi operation x dtype x reduce op, sub-groups, async
 ops, error paths and DDP against gloo. Each rank computes the expected values of all ranks
-itself and prints 'RESULT {json}' with the failures it saw.
+itself and prints 'RESULT {json}' with, per named case (e.g. "reduce_scatter-float32"), the
+number of checks and the failures it saw. tests/test_hpc_mpi.py lists the cases (CASES) and
+turns each into a pytest test of its own.
 
     python collectives_worker.py [cpu|cuda]
 """
+import contextlib
 import json
-import math
 import sys
 import threading
 import time
@@ -29,9 +31,36 @@ else:
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INTS = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 DTYPES = FLOATS + INTS + [torch.bool]
+P2P_DTYPES = [torch.float32, torch.float16, torch.int64, torch.bool]
 R = dist.ReduceOp
-failures, checks = [], 0
+results = {}        # case -> {"checks": n, "failures": [...]}
+current = ["setup"]
 warnings.filterwarnings("ignore")
+
+
+def short(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def case(name):
+    """Checks inside belong to case `name`; an exception is recorded as its failure."""
+    current.append(name)
+    results.setdefault(name, {"checks": 0, "failures": []})
+    try:
+        yield
+    except Exception:
+        fail(traceback.format_exc(limit=3))
+    finally:
+        current.pop()
+
+
+def fail(message):
+    results.setdefault(current[-1], {"checks": 0, "failures": []})["failures"].append(message)
+
+
+def count():
+    results.setdefault(current[-1], {"checks": 0, "failures": []})["checks"] += 1
 
 
 def value(rank, numel=7, dtype=torch.float32, offset=0):
@@ -78,184 +107,193 @@ def reduce_ref(tensors, op):
 
 
 def check(name, got, expected):
-    global checks
-    checks += 1
+    count()
     try:
         torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-2 if got.dtype in (
             torch.float16, torch.bfloat16) else 1e-6, atol=1e-6, equal_nan=False)
     except AssertionError as e:
-        failures.append(f"{name}: {str(e).splitlines()[0]} got {got.tolist()} expected {expected.tolist()}")
+        fail(f"{name}: {str(e).splitlines()[0]} got {got.tolist()} expected {expected.tolist()}")
 
 
 def expect_error(name, fn, exc=(ValueError, TypeError, RuntimeError)):
-    global checks
-    checks += 1
+    count()
     try:
         fn()
     except exc:
         return
     except Exception as e:  # wrong kind of error
-        failures.append(f"{name}: raised {type(e).__name__}: {e}")
+        fail(f"{name}: raised {type(e).__name__}: {e}")
         return
-    failures.append(f"{name}: no error raised")
+    fail(f"{name}: no error raised")
 
 
 def on(t):
     return t.to(DEVICE)
 
 
-def run(name, fn):
-    try:
-        fn()
-    except Exception:
-        failures.append(f"{name}: {traceback.format_exc(limit=3)}")
-
-
 def test_all_reduce():
     for dtype in DTYPES:
-        for op in ops_for(dtype):
-            t = on(value(RANK, dtype=dtype))
-            dist.all_reduce(t, op=op)
-            check(f"all_reduce {dtype} {op}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
-    # non-contiguous input is reduced in place through its view
-    t = on(torch.stack([value(RANK), value(RANK)], 1))[:, 1]
-    dist.all_reduce(t)
-    check("all_reduce non-contiguous", t, reduce_ref([value(r) for r in range(N)], R.SUM))
-    big = on(torch.full((1 << 20,), float(RANK + 1)))
-    dist.all_reduce(big)
-    check("all_reduce 1M floats", big[:: 1 << 16], torch.full((16,), float(N * (N + 1) / 2)))
+        with case(f"all_reduce-{short(dtype)}"):
+            for op in ops_for(dtype):
+                t = on(value(RANK, dtype=dtype))
+                dist.all_reduce(t, op=op)
+                check(f"all_reduce {dtype} {op}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
+    with case("all_reduce_noncontiguous"):  # reduced in place through its view
+        t = on(torch.stack([value(RANK), value(RANK)], 1))[:, 1]
+        dist.all_reduce(t)
+        check("all_reduce non-contiguous", t, reduce_ref([value(r) for r in range(N)], R.SUM))
+    with case("all_reduce_1M"):
+        big = on(torch.full((1 << 20,), float(RANK + 1)))
+        dist.all_reduce(big)
+        check("all_reduce 1M floats", big[:: 1 << 16], torch.full((16,), float(N * (N + 1) / 2)))
 
 
 def test_movement():
     root = N - 1
     for dtype in DTYPES:
-        t = on(value(RANK, dtype=dtype))
-        dist.broadcast(t, src=root)
-        check(f"broadcast {dtype}", t, value(root, dtype=dtype))
+        with case(f"broadcast-{short(dtype)}"):
+            t = on(value(RANK, dtype=dtype))
+            dist.broadcast(t, src=root)
+            check(f"broadcast {dtype}", t, value(root, dtype=dtype))
 
-        outs = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)]
-        dist.all_gather(outs, on(value(RANK, dtype=dtype)))
-        for r in range(N):
-            check(f"all_gather {dtype} [{r}]", outs[r], value(r, dtype=dtype))
-
-        flat = on(torch.zeros(N * 7, dtype=dtype))
-        dist.all_gather_into_tensor(flat, on(value(RANK, dtype=dtype)))
-        check(f"all_gather_into_tensor {dtype}", flat, torch.cat([value(r, dtype=dtype) for r in range(N)]))
-
-        gathered = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)] if RANK == 0 else None
-        dist.gather(on(value(RANK, dtype=dtype)), gathered, dst=0)
-        if RANK == 0:
+        with case(f"all_gather-{short(dtype)}"):
+            outs = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)]
+            dist.all_gather(outs, on(value(RANK, dtype=dtype)))
             for r in range(N):
-                check(f"gather {dtype} [{r}]", gathered[r], value(r, dtype=dtype))
+                check(f"all_gather {dtype} [{r}]", outs[r], value(r, dtype=dtype))
 
-        out = on(torch.zeros(7, dtype=dtype))
-        pieces = [on(value(r, dtype=dtype, offset=5)) for r in range(N)] if RANK == 0 else None
-        dist.scatter(out, pieces, src=0)
-        check(f"scatter {dtype}", out, value(RANK, dtype=dtype, offset=5))
+        with case(f"all_gather_into_tensor-{short(dtype)}"):
+            flat = on(torch.zeros(N * 7, dtype=dtype))
+            dist.all_gather_into_tensor(flat, on(value(RANK, dtype=dtype)))
+            check(f"all_gather_into_tensor {dtype}", flat, torch.cat([value(r, dtype=dtype) for r in range(N)]))
 
-        # all_to_all_single, equal splits: rank r sends chunk p (2 values) to rank p
-        send = on(torch.cat([value(RANK * N + p, numel=2, dtype=dtype) for p in range(N)]))
-        recv = on(torch.zeros(2 * N, dtype=dtype))
-        dist.all_to_all_single(recv, send)
-        check(f"all_to_all_single {dtype}", recv,
-              torch.cat([value(p * N + RANK, numel=2, dtype=dtype) for p in range(N)]))
+        with case(f"gather-{short(dtype)}"):
+            gathered = [on(torch.zeros(7, dtype=dtype)) for _ in range(N)] if RANK == 0 else None
+            dist.gather(on(value(RANK, dtype=dtype)), gathered, dst=0)
+            if RANK == 0:
+                for r in range(N):
+                    check(f"gather {dtype} [{r}]", gathered[r], value(r, dtype=dtype))
 
-    # uneven splits: rank r sends (p + 1) rows of width 3 to rank p
-    send = on(torch.cat([torch.full((p + 1, 3), float(10 * RANK + p)) for p in range(N)]))
-    recv = on(torch.zeros(N * (RANK + 1), 3))
-    dist.all_to_all_single(recv, send, output_split_sizes=[RANK + 1] * N,
-                           input_split_sizes=[p + 1 for p in range(N)])
-    check("all_to_all_single uneven", recv,
-          torch.cat([torch.full((RANK + 1, 3), float(10 * p + RANK)) for p in range(N)]))
+        with case(f"scatter-{short(dtype)}"):
+            out = on(torch.zeros(7, dtype=dtype))
+            pieces = [on(value(r, dtype=dtype, offset=5)) for r in range(N)] if RANK == 0 else None
+            dist.scatter(out, pieces, src=0)
+            check(f"scatter {dtype}", out, value(RANK, dtype=dtype, offset=5))
 
-    outs = [on(torch.zeros(p + 2)) for p in range(N)]
-    dist.all_to_all(outs, [on(torch.full((RANK + 2,), float(RANK * 100 + p))) for p in range(N)])
-    for p in range(N):
-        check(f"all_to_all [{p}]", outs[p], torch.full((p + 2,), float(p * 100 + RANK)))
+        with case(f"all_to_all_single-{short(dtype)}"):
+            # equal splits: rank r sends chunk p (2 values) to rank p
+            send = on(torch.cat([value(RANK * N + p, numel=2, dtype=dtype) for p in range(N)]))
+            recv = on(torch.zeros(2 * N, dtype=dtype))
+            dist.all_to_all_single(recv, send)
+            check(f"all_to_all_single {dtype}", recv,
+                  torch.cat([value(p * N + RANK, numel=2, dtype=dtype) for p in range(N)]))
+
+    with case("all_to_all_single_uneven"):  # rank r sends (p + 1) rows of width 3 to rank p
+        send = on(torch.cat([torch.full((p + 1, 3), float(10 * RANK + p)) for p in range(N)]))
+        recv = on(torch.zeros(N * (RANK + 1), 3))
+        dist.all_to_all_single(recv, send, output_split_sizes=[RANK + 1] * N,
+                               input_split_sizes=[p + 1 for p in range(N)])
+        check("all_to_all_single uneven", recv,
+              torch.cat([torch.full((RANK + 1, 3), float(10 * p + RANK)) for p in range(N)]))
+
+    with case("all_to_all"):
+        outs = [on(torch.zeros(p + 2)) for p in range(N)]
+        dist.all_to_all(outs, [on(torch.full((RANK + 2,), float(RANK * 100 + p))) for p in range(N)])
+        for p in range(N):
+            check(f"all_to_all [{p}]", outs[p], torch.full((p + 2,), float(p * 100 + RANK)))
 
 
 def test_reduce_family():
     for dtype in DTYPES:
-        op = R.SUM if dtype != torch.bool else R.BOR
-        t = on(value(RANK, dtype=dtype))
-        dist.reduce(t, dst=0, op=op)
-        if RANK == 0:
-            check(f"reduce {dtype}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
+        with case(f"reduce-{short(dtype)}"):
+            op = R.SUM if dtype != torch.bool else R.BOR
+            t = on(value(RANK, dtype=dtype))
+            dist.reduce(t, dst=0, op=op)
+            if RANK == 0:
+                check(f"reduce {dtype}", t, reduce_ref([value(r, dtype=dtype) for r in range(N)], op))
         for op in (R.SUM, R.MAX):
-            out = on(torch.zeros(3, dtype=dtype))
             ins = [on(value(RANK, numel=3, dtype=dtype, offset=p)) for p in range(N)]
-            dist.reduce_scatter(out, ins, op=op)
-            check(f"reduce_scatter {dtype} {op}", out,
-                  reduce_ref([value(r, numel=3, dtype=dtype, offset=RANK) for r in range(N)], op))
-            out = on(torch.zeros(3, dtype=dtype))
-            dist.reduce_scatter_tensor(out, torch.cat(ins), op=op)
-            check(f"reduce_scatter_tensor {dtype} {op}", out,
-                  reduce_ref([value(r, numel=3, dtype=dtype, offset=RANK) for r in range(N)], op))
-    a, b = on(value(RANK, numel=4)), on(value(RANK, numel=9, dtype=torch.float32, offset=1))
-    dist.all_reduce_coalesced([a, b])
-    check("all_reduce_coalesced [0]", a, reduce_ref([value(r, numel=4) for r in range(N)], R.SUM))
-    check("all_reduce_coalesced [1]", b, reduce_ref([value(r, numel=9, offset=1) for r in range(N)], R.SUM))
+            expected = reduce_ref([value(r, numel=3, dtype=dtype, offset=RANK) for r in range(N)], op)
+            with case(f"reduce_scatter-{short(dtype)}"):
+                out = on(torch.zeros(3, dtype=dtype))
+                dist.reduce_scatter(out, ins, op=op)
+                check(f"reduce_scatter {dtype} {op}", out, expected)
+            with case(f"reduce_scatter_tensor-{short(dtype)}"):
+                out = on(torch.zeros(3, dtype=dtype))
+                dist.reduce_scatter_tensor(out, torch.cat(ins), op=op)
+                check(f"reduce_scatter_tensor {dtype} {op}", out, expected)
+    with case("all_reduce_coalesced"):
+        a, b = on(value(RANK, numel=4)), on(value(RANK, numel=9, dtype=torch.float32, offset=1))
+        dist.all_reduce_coalesced([a, b])
+        check("all_reduce_coalesced [0]", a, reduce_ref([value(r, numel=4) for r in range(N)], R.SUM))
+        check("all_reduce_coalesced [1]", b, reduce_ref([value(r, numel=9, offset=1) for r in range(N)], R.SUM))
 
 
 def test_point_to_point_and_async():
     nxt, prev = (RANK + 1) % N, (RANK - 1) % N
-    for dtype in (torch.float32, torch.float16, torch.int64, torch.bool):
-        got = on(torch.zeros(7, dtype=dtype))
-        if RANK % 2 == 0:  # blocking send/recv ordered so that it cannot deadlock either way
-            dist.send(on(value(RANK, dtype=dtype)), nxt)
-            dist.recv(got, prev)
-        else:
-            dist.recv(got, prev)
-            dist.send(on(value(RANK, dtype=dtype)), nxt)
-        check(f"send/recv {dtype}", got, value(prev, dtype=dtype))
-    got = on(torch.zeros(5))
-    reqs = [dist.irecv(got, prev), dist.isend(on(value(RANK, numel=5)), nxt)]  # recv first
-    for q in reqs:
-        q.wait()
-    check("irecv before isend", got, value(prev, numel=5))
-    got = on(torch.zeros(5))
-    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, on(value(RANK, numel=5)), nxt),
-                                   dist.P2POp(dist.irecv, got, prev)])
-    for q in reqs:
-        q.wait()
-    check("batch_isend_irecv", got, value(prev, numel=5))
+    for dtype in P2P_DTYPES:
+        with case(f"send_recv-{short(dtype)}"):
+            got = on(torch.zeros(7, dtype=dtype))
+            if RANK % 2 == 0:  # blocking send/recv ordered so that it cannot deadlock either way
+                dist.send(on(value(RANK, dtype=dtype)), nxt)
+                dist.recv(got, prev)
+            else:
+                dist.recv(got, prev)
+                dist.send(on(value(RANK, dtype=dtype)), nxt)
+            check(f"send/recv {dtype}", got, value(prev, dtype=dtype))
+    with case("isend_irecv"):
+        got = on(torch.zeros(5))
+        reqs = [dist.irecv(got, prev), dist.isend(on(value(RANK, numel=5)), nxt)]  # recv first
+        for q in reqs:
+            q.wait()
+        check("irecv before isend", got, value(prev, numel=5))
+    with case("batch_isend_irecv"):
+        got = on(torch.zeros(5))
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, on(value(RANK, numel=5)), nxt),
+                                       dist.P2POp(dist.irecv, got, prev)])
+        for q in reqs:
+            q.wait()
+        check("batch_isend_irecv", got, value(prev, numel=5))
 
-    t = on(value(RANK))
-    work = dist.all_reduce(t, async_op=True)
-    fut = work.get_future()
-    work.wait()
-    check("async all_reduce", t, reduce_ref([value(r) for r in range(N)], R.SUM))
-    check("async future value", fut.wait()[0], t)
-    works = [dist.all_reduce(on(torch.ones(3) * i), async_op=True) for i in range(20)]
-    for w in works:
-        w.wait()
-    # Blocking collectives behind queued async ones (CPU: these may run on the caller's thread
-    # only once the queue is empty), and async work whose handle is dropped at once.
-    big = [on(value(RANK, numel=1 << 16, offset=i)) for i in range(3)]
-    works = [dist.all_reduce(b, async_op=True) for b in big]
-    dropped = on(value(RANK, numel=9))
-    dist.all_reduce(dropped, async_op=True)
-    small = on(value(RANK, numel=5))
-    dist.all_reduce(small)
-    dist.broadcast(small, src=N - 1)
-    check("blocking after async", small, on(reduce_ref([value(r, numel=5) for r in range(N)], R.SUM)))
-    if DEVICE.type == "cpu":  # one queue: the dropped op finished before the blocking ones
-        check("dropped async handle", dropped, reduce_ref([value(r, numel=9) for r in range(N)], R.SUM))
-    for i, (w, b) in enumerate(zip(works, big)):
-        w.wait()
-        check(f"queued async all_reduce {i}", b,
-              on(reduce_ref([value(r, numel=1 << 16, offset=i) for r in range(N)], R.SUM)))
-    if RANK == 0:
-        received = on(torch.zeros(1))
-        senders = []
-        for _ in range(N - 1):
-            w = dist.irecv(received)  # any source
+    with case("async_all_reduce"):
+        t = on(value(RANK))
+        work = dist.all_reduce(t, async_op=True)
+        fut = work.get_future()
+        work.wait()
+        check("async all_reduce", t, reduce_ref([value(r) for r in range(N)], R.SUM))
+        check("async future value", fut.wait()[0], t)
+        works = [dist.all_reduce(on(torch.ones(3) * i), async_op=True) for i in range(20)]
+        for w in works:
             w.wait()
-            senders.append(w._source_rank())
-        check("recv any source", torch.tensor(sorted(senders)), torch.arange(1, N))
-    else:
-        dist.send(on(torch.ones(1) * RANK), 0)
-    dist.barrier()
+    with case("async_queue"):
+        # Blocking collectives behind queued async ones (CPU: these may run on the caller's
+        # thread only once the queue is empty), and async work whose handle is dropped at once.
+        big = [on(value(RANK, numel=1 << 16, offset=i)) for i in range(3)]
+        works = [dist.all_reduce(b, async_op=True) for b in big]
+        dropped = on(value(RANK, numel=9))
+        dist.all_reduce(dropped, async_op=True)
+        small = on(value(RANK, numel=5))
+        dist.all_reduce(small)
+        dist.broadcast(small, src=N - 1)
+        check("blocking after async", small, on(reduce_ref([value(r, numel=5) for r in range(N)], R.SUM)))
+        if DEVICE.type == "cpu":  # one queue: the dropped op finished before the blocking ones
+            check("dropped async handle", dropped, reduce_ref([value(r, numel=9) for r in range(N)], R.SUM))
+        for i, (w, b) in enumerate(zip(works, big)):
+            w.wait()
+            check(f"queued async all_reduce {i}", b,
+                  on(reduce_ref([value(r, numel=1 << 16, offset=i) for r in range(N)], R.SUM)))
+    with case("recv_any_source"):
+        if RANK == 0:
+            received = on(torch.zeros(1))
+            senders = []
+            for _ in range(N - 1):
+                w = dist.irecv(received)  # any source
+                w.wait()
+                senders.append(w._source_rank())
+            check("recv any source", torch.tensor(sorted(senders)), torch.arange(1, N))
+        else:
+            dist.send(on(torch.ones(1) * RANK), 0)
+        dist.barrier()
 
 
 def test_blocking_collective_releases_gil():
@@ -279,7 +317,7 @@ def test_blocking_collective_releases_gil():
     thread.join()
     check("all_reduce after a late rank", t, on(torch.full((4,), float(N))))
     if RANK == 0 and during < 20:
-        failures.append(f"GIL held during a blocking all_reduce: the other thread ran {during} times in ~0.3 s")
+        fail(f"GIL held during a blocking all_reduce: the other thread ran {during} times in ~0.3 s")
 
 
 def test_sub_groups():
@@ -340,27 +378,23 @@ def test_ddp_matches_gloo():
 
     ours = train(None, DEVICE)
     ref = train(gloo, torch.device("cpu"))
-    global checks
-    checks += 1
+    count()
     diff = (ours - ref).abs().max().item()
     tolerance = 1e-6 if N <= 2 else 1e-5
     if not diff <= tolerance:
-        failures.append(f"DDP hpc_mpi vs gloo: max |diff| {diff:.3g} > {tolerance}")
-    return diff
+        fail(f"DDP hpc_mpi vs gloo: max |diff| {diff:.3g} > {tolerance}")
 
 
-for name, fn in [("all_reduce", test_all_reduce), ("movement", test_movement),
-                 ("reduce family", test_reduce_family), ("p2p/async", test_point_to_point_and_async),
-                 ("sub-groups", test_sub_groups), ("errors", test_errors),
-                 ("GIL", test_blocking_collective_releases_gil)]:
-    run(name, fn)
-ddp_diff = math.nan
-try:
-    ddp_diff = test_ddp_matches_gloo()
-except Exception:
-    failures.append(f"DDP: {traceback.format_exc(limit=3)}")
+test_all_reduce()
+test_movement()
+test_reduce_family()
+test_point_to_point_and_async()
+for name, fn in [("sub_groups", test_sub_groups), ("errors", test_errors),
+                 ("gil_release", test_blocking_collective_releases_gil),
+                 ("ddp_vs_gloo", test_ddp_matches_gloo)]:
+    with case(name):
+        fn()
 dist.barrier()
 dist.destroy_process_group()
-print("RESULT " + json.dumps({"rank": RANK, "size": N, "device": str(DEVICE),
-                                            "checks": checks, "failures": failures,
-                                            "ddp_max_diff": ddp_diff}), flush=True)
+print("RESULT " + json.dumps({"rank": RANK, "size": N, "device": str(DEVICE), "cases": results}),
+      flush=True)

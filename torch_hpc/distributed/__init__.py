@@ -3,8 +3,9 @@ Importing it registers the backend name; no MPI call happens until a process gro
 from .backend import BACKEND, init, register
 from .launcher import LaunchInfo, detect_launcher
 from .mpi import MPIInitError, init_mpi, rma_available, self_test
+from .options import Options
 
 register()
 
-__all__ = ["BACKEND", "init", "register", "LaunchInfo", "detect_launcher", "init_mpi",
+__all__ = ["BACKEND", "init", "register", "Options", "LaunchInfo", "detect_launcher", "init_mpi",
            "self_test", "rma_available", "MPIInitError"]

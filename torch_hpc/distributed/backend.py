@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 from .launcher import LaunchInfo, detect_launcher
 from .mpi import init_mpi, release_at_exit
+from .options import Options
 
 BACKEND = "hpc_mpi"
 _base = None          # a duplicate of COMM_WORLD that only builds sub-communicators
+_default_options = None  # the default group's: new groups without pg_options take them
 _atexit_registered = False
 
 
@@ -32,9 +34,13 @@ def _group_tag(group_id: str) -> int:
 
 
 def _create_backend(opts, backend_options=None):
-    """torch calls this on member ranks for the default group and for every new_group."""
-    global _base, _atexit_registered
+    """torch calls this on member ranks for the default group and for every new_group;
+    backend_options is the pg_options given there (a torch_hpc.distributed.Options or None)."""
+    global _base, _default_options, _atexit_registered
     _comm = _comm_module()
+    if backend_options is not None and not isinstance(backend_options, Options):
+        raise TypeError("torch_hpc hpc_mpi: pg_options must be a torch_hpc.distributed.Options, got "
+                        f"{type(backend_options).__name__}")
     timeout = opts.timeout if isinstance(opts.timeout, datetime.timedelta) else \
         datetime.timedelta(seconds=float(opts.timeout))
     ranks = list(opts.global_ranks_in_group) or list(range(opts.group_size))
@@ -45,6 +51,7 @@ def _create_backend(opts, backend_options=None):
                             else opts.group_size, detected.launcher)
         world = init_mpi(store=opts.store, timeout=timeout, launch=launch)
         _base = world.Dup()
+        _default_options = backend_options or Options()
         from mpi4py import MPI
         if world != MPI.COMM_WORLD:  # singletons joined by Open MPI
             release_at_exit(_base)
@@ -58,8 +65,10 @@ def _create_backend(opts, backend_options=None):
         if comm.rank != opts.group_rank:
             raise RuntimeError(f"torch_hpc hpc_mpi: MPI rank {comm.rank} differs from the process "
                                f"group rank {opts.group_rank} (ranks {ranks})")
+        options = backend_options or _default_options
         backend = _comm.create_backend(comm.py2f(), opts.group_rank, opts.group_size,
-                                       timeout.total_seconds())
+                                       timeout.total_seconds(), options.inline_blocking,
+                                       options.resolved_spin_us(), options.allreduce_chunk_bytes)
     finally:
         if owned:
             comm.Free()
@@ -90,10 +99,16 @@ def _publish_master_address(comm) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = host, str(port)
 
 
-def init(backend: str = BACKEND, **kwargs) -> LaunchInfo:
+def init(backend: str = BACKEND, options: Options | None = None, **kwargs) -> LaunchInfo:
     """Detects the launcher (mpirun/Open MPI, MPICH/Hydra, Slurm, torchrun), prepares what
     torch.distributed needs (ranks, a rendezvous address) and calls init_process_group.
-    Extra keyword arguments go to init_process_group (timeout, device_id, ...)."""
+    `options` (hpc_mpi only) tunes the backend (see Options); extra keyword arguments go to
+    init_process_group (timeout, device_id, ...)."""
+    if options is not None:
+        if backend != BACKEND:
+            raise ValueError(f"torch_hpc.distributed.init: options are for the {BACKEND} backend, "
+                             f"not {backend!r}")
+        kwargs["pg_options"] = options
     launch = detect_launcher()
     if launch.is_mpi_launch or (launch.launcher == "slurm" and launch.world_size > 1):
         _publish_master_address(init_mpi(launch=launch))

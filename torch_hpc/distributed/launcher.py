@@ -61,11 +61,13 @@ def detect_launcher(env=None) -> LaunchInfo:
     return LaunchInfo(0, 1, 0, 1, "singleton")
 
 
-def mpiexec_command(n: int, bind_to_none: bool = False) -> list[str]:
+def mpiexec_command(n: int, bind_to_none: bool = False, python: bool = False) -> list[str]:
     """`mpiexec -n N` with the flags its MPI needs, the mpiexec beside this interpreter (a venv's
     MPICH) first. Open MPI refuses more ranks than cores without --oversubscribe and root without
     --allow-run-as-root; MPICH's mpiexec rejects both. bind_to_none: Open MPI binds each rank to
     one core, which starves a rank's helper threads (the RMA progress thread, hpc_mpi's worker).
+    python: ends with this interpreter's absolute path (Open MPI's mpiexec, run by absolute path,
+    puts its own bin/ first on the ranks' PATH, where `python3` may be another interpreter).
     Raises FileNotFoundError when no mpiexec is found."""
     local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     exe = local if os.path.exists(local) else shutil.which("mpiexec")
@@ -76,4 +78,4 @@ def mpiexec_command(n: int, bind_to_none: bool = False) -> list[str]:
     if "Open MPI" in version or "OpenRTE" in version:
         cmd += ["--oversubscribe"] + (["--bind-to", "none"] if bind_to_none else [])
         cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return cmd
+    return cmd + ([sys.executable] if python else [])

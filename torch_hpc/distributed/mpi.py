@@ -174,7 +174,8 @@ def rma_available() -> bool:
 
 def self_test(comm) -> None:
     """An allreduce and concurrent MPI_Accumulate on a fresh window must give exact answers:
-    some MPI configurations form a world that gives wrong ones (../shared/FACTS.md). A window
+    some MPI configurations form a world that gives wrong ones (MPICH joined by accept/connect,
+    Debian MPICH 4.0.2 on shared-memory windows: both seen giving wrong sums). A window
     that cannot be created at all is reported (warning, rma_available() False), not fatal:
     collectives do not need one."""
     global _rma_error

@@ -42,15 +42,20 @@ def _abort_on_uncaught_exception():
     sys.excepthook = hook
 
 
-def progress_thread_default() -> bool:
-    """TORCH_HPC_PROGRESS_THREAD=0 turns the progress thread off (for experiments only)."""
-    return os.environ.get("TORCH_HPC_PROGRESS_THREAD", "1") not in ("0", "false", "False")
+def _defaults():
+    """The progress thread's defaults: env TORCH_HPC_PROGRESS_THREAD (1; 0 turns it off, for
+    experiments) and TORCH_HPC_PROGRESS_US (500, the interval between its MPI progress calls)."""
+    return (os.environ.get("TORCH_HPC_PROGRESS_THREAD", "1") not in ("0", "false", "False"),
+            int(os.environ.get("TORCH_HPC_PROGRESS_US", "500")))
 
 
 def exchange(numel: int, comm=None, progress_thread: bool | None = None,
              progress_interval_us: int | None = None):
     """A new global vector of `numel` fp32 values sharded over `comm` (default: the MPI world
-    torch_hpc formed, see init_mpi). Collective. Returns torch_hpc._comm.RmaExchange."""
+    torch_hpc formed, see init_mpi). Collective. progress_thread: a thread that enters MPI every
+    progress_interval_us so that other ranks' one-sided operations on this rank's shard progress
+    while this rank computes (None: the defaults, see _defaults). Returns
+    torch_hpc._comm.RmaExchange."""
     global _hooks_installed
     from . import mpi
     from .backend import _comm_module
@@ -61,10 +66,9 @@ def exchange(numel: int, comm=None, progress_thread: bool | None = None,
                 "torch_hpc: MPI one-sided windows are unavailable on this MPI world "
                 f"({mpi._rma_error}); the asynchronous exchange needs them. Launch with mpirun/mpiexec, "
                 "or use an MPICH-family MPI under torchrun")
-    if progress_thread is None:
-        progress_thread = progress_thread_default()
-    if progress_interval_us is None:
-        progress_interval_us = int(os.environ.get("TORCH_HPC_PROGRESS_US", "500"))
+    default_thread, default_interval = _defaults()
+    progress_thread = default_thread if progress_thread is None else progress_thread
+    progress_interval_us = default_interval if progress_interval_us is None else progress_interval_us
     x = _comm_module().RmaExchange(comm.py2f(), int(numel), bool(progress_thread),
                                    int(progress_interval_us))
     with _lock:

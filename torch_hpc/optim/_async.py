@@ -11,7 +11,8 @@ from ._flat import flatten, unflatten_into
 class AsyncExchange:
     """The exchange of one DistributedOptimizer in async mode (see DistributedOptimizer)."""
 
-    def __init__(self, state_tensors, device, *, op, staleness, has_buffers):
+    def __init__(self, state_tensors, device, *, op, staleness, has_buffers, progress_thread=None,
+                 progress_interval_us=None):
         self._state_tensors = state_tensors
         self._device = device
         self._has_buffers = has_buffers
@@ -19,7 +20,8 @@ class AsyncExchange:
         numel = sum(t.numel() for t in state_tensors)
         if numel == 0:
             raise ValueError("torch_hpc DistributedOptimizer: the optimizer has no parameters")
-        self._exchange = rma.exchange(numel)
+        self._exchange = rma.exchange(numel, progress_thread=progress_thread,
+                                      progress_interval_us=progress_interval_us)
         self._scale = 1.0 / self._exchange.size if op == "average" else 1.0
         pin = device.type == "cuda"
         self._delta = torch.empty(numel, pin_memory=pin)

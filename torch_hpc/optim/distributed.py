@@ -35,11 +35,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
     Floating-point buffers given as `named_buffers` (e.g. BatchNorm running statistics) are
     averaged across ranks: in sync mode by an allreduce at every step, in async mode by
     exchanging their changes like parameters. Integer buffers (num_batches_tracked) stay local.
+
+    async only: `progress_thread` / `progress_interval_us` set the thread that keeps other
+    ranks' one-sided operations on this rank's shard moving while it computes (None: defaults,
+    see torch_hpc.distributed.rma.exchange).
     """
 
     def __init__(self, optimizer, named_parameters=None, mode: str = "sync", staleness=None,
                  backward_passes_per_step: int = 1, op: str = "average", compression=None,
-                 named_buffers=None, process_group=None, bucket_cap_mb: float = 25.0):
+                 named_buffers=None, process_group=None, bucket_cap_mb: float = 25.0,
+                 progress_thread: bool | None = None, progress_interval_us: int | None = None):
         _check_arguments(optimizer, mode, op, staleness, backward_passes_per_step, compression)
         self.optimizer = optimizer
         self.mode, self.op = mode, op
@@ -72,7 +77,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 backward_passes_per_step=self.backward_passes_per_step, bucket_cap_mb=bucket_cap_mb)
         else:
             self._exchange = AsyncExchange(self._state_tensors, device, op=op,
-                                           staleness=self.staleness, has_buffers=bool(buffers))
+                                           staleness=self.staleness, has_buffers=bool(buffers),
+                                           progress_thread=progress_thread,
+                                           progress_interval_us=progress_interval_us)
 
     def __getattr__(self, name):
         # torch.optim.Optimizer's hook registries (_optimizer_step_pre_hooks, ...) are the

@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../gemm.h"
+#include "../checks.h"
 #include "../split.h"
 
 namespace torch_hpc {

@@ -6,10 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <mutex>
 
-#include "../gemm.h"
+#include "../checks.h"
+#include "../settings.h"
 #include "kernels.h"
 
 namespace torch_hpc {
@@ -24,8 +24,8 @@ struct Planes {
 // x viewed as [batch, rows, k] through (sb, sr, sk).
 Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, int64_t sb,
                   int64_t sr, int64_t sk, cudaStream_t stream) {
-  const int64_t rows_pad = round_up(rows, cuda::kTileRows);
-  const int64_t k_pad = round_up(k, cuda::kTileK);
+  const int64_t rows_pad = round_up(rows, kTileRows);
+  const int64_t k_pad = round_up(k, kTileK);
   const auto opts = x.options();
   Planes p{at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
            at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
@@ -45,24 +45,27 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
   return p;
 }
 
+// The kernel torch_hpc.backends.gemm.kernel asks for on x's device ("auto": wgmma where it runs).
 cuda::GemmKernel gemm_kernel_for(const at::Tensor& x) {
-  cuda::GemmKernel kernel;
-  C10_CUDA_CHECK(cuda::choose_gemm_kernel(x.get_device(), &kernel));
-  return kernel;
+  const KernelChoice choice = kernel_choice();
+  if (choice == KernelChoice::kSm80) return cuda::GemmKernel::sm80;
+  bool sm90 = false;
+  C10_CUDA_CHECK(cuda::gemm_kernel_available(x.get_device(), cuda::GemmKernel::sm90, &sm90));
+  TORCH_CHECK(sm90 || choice == KernelChoice::kAuto,
+              "torch_hpc.backends.gemm.kernel is 'sm90', but the wgmma kernel cannot run on ",
+              x.device(), " (it needs compute capability 9.0 and a build with sm_90a in "
+              "TORCH_CUDA_ARCH_LIST); set it to 'auto' or 'sm80'");
+  return sm90 ? cuda::GemmKernel::sm90 : cuda::GemmKernel::sm80;
 }
 
 // Below a few 128x128 output tiles per SM the emulation loses to cuBLAS SGEMM (measured on an
 // H100: the mma.sync kernel at 2048^3 = 256 tiles ran at 0.69x SGEMM, M = 64 at 0.14x; the wgmma
 // kernel needs about one tile per SM). There cuBLAS SGEMM with TF32 off computes the product
-// (fp32 accuracy, fp32 inf/NaN semantics). TORCH_HPC_SGEMM_FALLBACK=0 keeps the emulation.
+// (fp32 accuracy, fp32 inf/NaN semantics), unless torch_hpc.backends.gemm.sgemm_fallback is off.
 bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("TORCH_HPC_SGEMM_FALLBACK");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  if (!enabled) return false;
+  if (!sgemm_fallback()) return false;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = batch * ((m + 127) / 128) * ((n + 127) / 128);
+  const int64_t tiles = batch * ((m + kTileRows - 1) / kTileRows) * ((n + kTileRows - 1) / kTileRows);
   return tiles < (kernel == cuda::GemmKernel::sm90 ? 1 : 2) * sms;
 }
 
@@ -184,7 +187,7 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const at::Tensor& b_fallback) {
   check_matmul_args(a, b, 2, "mm_planes");
   const int64_t n = b.size(1), k = b.size(0);
-  const int64_t rows_pad = round_up(n, cuda::kTileRows), k_pad = round_up(k, cuda::kTileK);
+  const int64_t rows_pad = round_up(n, kTileRows), k_pad = round_up(k, kTileK);
   const auto expect = [&](const at::Tensor& t, const char* name, at::ScalarType dtype,
                           at::IntArrayRef shape) {
     TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous() &&

@@ -1,16 +1,15 @@
-// Torch-free interface of the CUDA kernels (kernels.cu), so that they compile and can be
-// disassembled with nvcc alone.
+// Torch-free interface of the CUDA stages (split.cu, gemm_sm80.cu, gemm_sm90.cu, exact.cu,
+// dispatch.cu), so that they compile and can be disassembled with nvcc alone.
 #pragma once
 
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../tiles.h"
+
 namespace torch_hpc {
 namespace gemm {
 namespace cuda {
-
-constexpr int kTileRows = 128;  // rows of A / columns of B are padded to this
-constexpr int kTileK = 64;      // K is padded to this
 
 // Splits x[b, r, k] (any strides, in elements) into K-contiguous, zero-padded fp16 planes
 // hi/lo[b, rows_pad, k_pad], plus exponent[b, rows_pad] and fallback[b, rows_pad]; row_max and
@@ -50,16 +49,23 @@ struct GemmParams {
 // only when the build included sm_90a).
 enum class GemmKernel { sm80, sm90 };
 
-// The kernel for `device`: sm90 on a 9.0 GPU when built, else sm80. TORCH_HPC_GEMM_KERNEL=sm80
-// forces the mma.sync kernel (read on every call).
-cudaError_t choose_gemm_kernel(int device, GemmKernel* kernel);
-
-cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
-// The product on `kernel`, then the exact path for fallback rows/columns.
+// dispatch.cu: whether `kernel` can run on `device`, and the product on `kernel` followed by the
+// exact path for fallback rows/columns.
+cudaError_t gemm_kernel_available(int device, GemmKernel kernel, bool* available);
 cudaError_t launch_gemm(const GemmParams& p, GemmKernel kernel, cudaStream_t stream);
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current device, once per
+// device (thread-safe).
+cudaError_t raise_smem_limit(const void* kernel, size_t bytes);
 
-bool sm90_kernel_built();
+// The stages.
+cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);                  // split.cu
+cudaError_t launch_gemm_sm80(const GemmParams& p, cudaStream_t stream);               // gemm_sm80.cu
+bool sm90_kernel_built();                                                              // gemm_sm90.cu
 cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream);
+cudaError_t launch_exact(const GemmParams& p, int sm_count, cudaStream_t stream);     // exact.cu
+
+// Grid y/z limit: batches beyond it are launched in slices.
+constexpr int64_t kMaxGridYZ = 65535;
 
 }  // namespace cuda
 }  // namespace gemm

@@ -1,0 +1,19 @@
+#include "settings.h"
+
+#include <atomic>
+
+namespace torch_hpc {
+namespace gemm {
+namespace {
+std::atomic<bool> sgemm_fallback_enabled{true};
+std::atomic<int> kernel{static_cast<int>(KernelChoice::kAuto)};
+}  // namespace
+
+void set_sgemm_fallback(bool enabled) { sgemm_fallback_enabled.store(enabled, std::memory_order_relaxed); }
+bool sgemm_fallback() { return sgemm_fallback_enabled.load(std::memory_order_relaxed); }
+
+void set_kernel_choice(KernelChoice choice) { kernel.store(static_cast<int>(choice), std::memory_order_relaxed); }
+KernelChoice kernel_choice() { return static_cast<KernelChoice>(kernel.load(std::memory_order_relaxed)); }
+
+}  // namespace gemm
+}  // namespace torch_hpc

@@ -1,0 +1,20 @@
+// The GEMM's run-time switches, set from Python as torch_hpc.backends.gemm.* (module.cpp) or
+// from C++ directly. Read on every call without a lock.
+#pragma once
+
+namespace torch_hpc {
+namespace gemm {
+
+// Which tensor-core kernel runs: auto (wgmma on compute capability 9.0 when built, else
+// mma.sync), or one of them forced.
+enum class KernelChoice : int { kAuto = 0, kSm80 = 1, kSm90 = 2 };
+
+// Products too small to fill the GPU go to cuBLAS SGEMM (TF32 off) instead. Default on.
+void set_sgemm_fallback(bool enabled);
+bool sgemm_fallback();
+
+void set_kernel_choice(KernelChoice choice);
+KernelChoice kernel_choice();
+
+}  // namespace gemm
+}  // namespace torch_hpc

@@ -1,0 +1,74 @@
+"""Switches of torch_hpc's GEMM, in the style of torch.backends.cuda.matmul:
+
+    torch_hpc.backends.gemm.sgemm_fallback = False   # keep the emulation for small products
+    torch_hpc.backends.gemm.kernel = "sm80"          # "auto" | "sm80" | "sm90"
+
+sgemm_fallback (default True): products too small to fill the GPU (fewer 128x128 output tiles
+than the kernel needs per SM) run on cuBLAS SGEMM with TF32 off, which is faster there and
+fp32-accurate. kernel (default "auto"): the tensor-core kernel, "sm90" (wgmma + TMA, compute
+capability 9.0 builds with sm_90a) where it runs, else "sm80" (mma.sync); forcing "sm90" where
+it cannot run raises at the next product. The values live in the compiled library and are read
+by every call, on every thread.
+
+The environment variables TORCH_HPC_SGEMM_FALLBACK (0/1) and TORCH_HPC_GEMM_KERNEL give the
+defaults at import; nothing reads them later (see docs/switches.md).
+"""
+import contextlib
+import os
+
+from . import _C
+
+
+class _Gemm:
+    @property
+    def sgemm_fallback(self) -> bool:
+        return _C._get_sgemm_fallback()
+
+    @sgemm_fallback.setter
+    def sgemm_fallback(self, enabled: bool) -> None:
+        _C._set_sgemm_fallback(bool(enabled))
+
+    @property
+    def kernel(self) -> str:
+        return _C._get_gemm_kernel()
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        _C._set_gemm_kernel(name)
+
+    @contextlib.contextmanager
+    def flags(self, sgemm_fallback: bool | None = None, kernel: str | None = None):
+        """Sets the given switches inside the `with` block and restores them after."""
+        before = (self.sgemm_fallback, self.kernel)
+        try:
+            if sgemm_fallback is not None:
+                self.sgemm_fallback = sgemm_fallback
+            if kernel is not None:
+                self.kernel = kernel
+            yield
+        finally:
+            self.sgemm_fallback, self.kernel = before
+
+    def __repr__(self):
+        return f"torch_hpc.backends.gemm(sgemm_fallback={self.sgemm_fallback}, kernel={self.kernel!r})"
+
+
+gemm = _Gemm()
+
+
+def _defaults_from_environment(env=os.environ) -> None:
+    value = env.get("TORCH_HPC_SGEMM_FALLBACK")
+    if value is not None:
+        if value not in ("0", "1"):
+            raise ValueError(f"torch_hpc: TORCH_HPC_SGEMM_FALLBACK must be 0 or 1, got {value!r}")
+        gemm.sgemm_fallback = value == "1"
+    value = env.get("TORCH_HPC_GEMM_KERNEL")
+    if value is not None:
+        try:
+            gemm.kernel = value
+        except ValueError:
+            raise ValueError("torch_hpc: TORCH_HPC_GEMM_KERNEL must be auto, sm80 or sm90, got "
+                             f"{value!r}") from None
+
+
+_defaults_from_environment()
