@@ -47,8 +47,13 @@ def _skip_torchrun_without_mpich(launcher):
 @functools.cache
 def _collectives(launcher, n, device):
     """One run of the worker per launcher, world size and device, shared by its cases."""
-    proc, reports = run_workers(launcher, n, "collectives_worker.py", device, timeout=300)
-    return proc, {r["rank"]: r for r in reports}
+    proc, lines = run_workers(launcher, n, "collectives_worker.py", device, timeout=300)
+    reports = {}
+    for line in lines:  # one line per rank and case
+        rank = reports.setdefault(line["rank"], {"size": line["size"], "device": line["device"],
+                                                 "cases": {}})
+        rank["cases"][line["case"]] = {"checks": line["checks"], "failures": line["failures"]}
+    return proc, reports
 
 
 def _run_ok(launcher, n, device):

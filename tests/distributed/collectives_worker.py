@@ -1,7 +1,7 @@
 """Run under mpiexec or torchrun: every hpc_mpi operation x dtype x reduce op, sub-groups, async
 ops, error paths and DDP against gloo. Each rank computes the expected values of all ranks
-itself and prints 'RESULT {json}' with, per named case (e.g. "reduce_scatter-float32"), the
-number of checks and the failures it saw. tests/test_hpc_mpi.py lists the cases (CASES) and
+itself and prints one 'RESULT {json}' line per named case (e.g. "reduce_scatter-float32") with
+the number of checks and the failures it saw. tests/test_hpc_mpi.py lists the cases (CASES) and
 turns each into a pytest test of its own.
 
     python collectives_worker.py [cpu|cuda]
@@ -396,5 +396,9 @@ for name, fn in [("sub_groups", test_sub_groups), ("errors", test_errors),
         fn()
 dist.barrier()
 dist.destroy_process_group()
-print("RESULT " + json.dumps({"rank": RANK, "size": N, "device": str(DEVICE), "cases": results}),
-      flush=True)
+# One short line per case: a launcher may interleave ranks' output at 4 KiB boundaries, and a
+# single write below that size arrives whole.
+for name, result in results.items():
+    print("RESULT " + json.dumps({"rank": RANK, "size": N, "device": str(DEVICE), "case": name,
+                                  "checks": result["checks"],
+                                  "failures": [f[:500] for f in result["failures"][:4]]}), flush=True)

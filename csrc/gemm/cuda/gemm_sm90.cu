@@ -67,6 +67,18 @@ struct SharedStages {
   uint64_t* empty;  // stage consumed (every consumer warp arrived)
 };
 
+// Position in the ring of kStages stages; the phase flips at each wrap.
+struct PipeState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
 struct PlaneMaps {
   const CUtensorMap *a_hi, *a_lo, *b_hi, *b_lo;
 };
@@ -76,13 +88,13 @@ struct PlaneMaps {
 __device__ __forceinline__ void producer_load(const SharedStages& sm, const PlaneMaps& maps,
                                               int k_blocks, int tiles_m, int tiles_n,
                                               int total_tiles) {
-  int stage = 0;
-  uint32_t phase = 0;
+  PipeState pipe;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
     const int m0 = tc.row_tile * kBM, n0 = tc.col_tile * kBN;
     for (int kb = 0; kb < k_blocks; ++kb) {
-      ptx::mbar_wait(&sm.empty[stage], phase ^ 1);
+      const int stage = pipe.stage;
+      ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
       ptx::mbar_arrive_expect_tx(&sm.full[stage], kStageBytes);
       uint8_t* dst = sm.tiles + stage * kStageBytes;
       const int k0 = kb * kBK;
@@ -90,30 +102,29 @@ __device__ __forceinline__ void producer_load(const SharedStages& sm, const Plan
       ptx::tma_load_3d(dst + kPlaneBytes, maps.a_lo, &sm.full[stage], k0, m0, tc.batch);
       ptx::tma_load_3d(dst + 2 * kPlaneBytes, maps.b_hi, &sm.full[stage], k0, n0, tc.batch);
       ptx::tma_load_3d(dst + 3 * kPlaneBytes, maps.b_lo, &sm.full[stage], k0, n0, tc.batch);
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      pipe.advance();
     }
   }
 }
 
 // Consumer main loop over one tile's k-blocks: acc = sum of promoted hi*hi chunks, corr = the
-// correction products over the whole K. `stage`/`phase` carry across tiles.
+// correction products over the whole K. `pipe` carries across tiles.
 __device__ __forceinline__ void consumer_mainloop(const SharedStages& sm, int consumer, int k_blocks,
-                                                  bool release_lane, int& stage, uint32_t& phase,
+                                                  bool release_lane, PipeState& pipe,
                                                   float (&acc)[kAccRegs], float (&fresh)[kAccRegs],
                                                   float (&corr)[kAccRegs]) {
 #pragma unroll
   for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
   int prev_stage = -1;
   for (int kb = 0; kb < k_blocks; ++kb) {
-    ptx::mbar_wait(&sm.full[stage], phase);
-    const uint8_t* st = sm.tiles + stage * kStageBytes;
-    const uint64_t a_hi = ptx::smem_desc_sw128(st + consumer * 64 * 128);
-    const uint64_t a_lo = ptx::smem_desc_sw128(st + kPlaneBytes + consumer * 64 * 128);
-    const uint64_t b_hi = ptx::smem_desc_sw128(st + 2 * kPlaneBytes);
-    const uint64_t b_lo = ptx::smem_desc_sw128(st + 3 * kPlaneBytes);
+    const int stage = pipe.stage;
+    ptx::mbar_wait(&sm.full[stage], pipe.phase);
+    const uint8_t* sa = sm.tiles + stage * kStageBytes + consumer * 64 * 128;  // this consumer's rows
+    const uint64_t a_hi = ptx::smem_desc_sw128(sa);
+    const uint64_t a_lo = ptx::smem_desc_sw128(sa + kPlaneBytes);
+    const uint8_t* sb = sm.tiles + stage * kStageBytes;
+    const uint64_t b_hi = ptx::smem_desc_sw128(sb + 2 * kPlaneBytes);
+    const uint64_t b_lo = ptx::smem_desc_sw128(sb + 3 * kPlaneBytes);
     // Each k-block runs as kBK / kPromote chunks: fresh = hi*hi of the chunk, then the chunk's
     // correction products; once fresh is done (the corrections still running) it is added
     // into acc. The first wait also retires the previous stage's corrections.
@@ -141,10 +152,7 @@ __device__ __forceinline__ void consumer_mainloop(const SharedStages& sm, int co
       if (chunk == 0 && prev_stage >= 0 && release_lane) ptx::mbar_arrive(&sm.empty[prev_stage]);
     }
     prev_stage = stage;
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
+    pipe.advance();
   }
   ptx::fence_regs(corr);
   ptx::wgmma_wait<0>();
@@ -227,12 +235,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int consumer = warpgroup - 1;  // rows consumer*64 .. +63 of the tile
     const int t = threadIdx.x - 128 * warpgroup;
     const int warp = t / 32, lane = t % 32;
-    int stage = 0;
-    uint32_t phase = 0;
+    PipeState pipe;
     float acc[kAccRegs], fresh[kAccRegs], corr[kAccRegs];
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-      consumer_mainloop(sm, consumer, k_blocks, lane == 0, stage, phase, acc, fresh, corr);
-      consumer_epilogue(p, tile_coord(tile, tiles_m, tiles_n), consumer, warp, lane, acc, corr);
+      const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
+      consumer_mainloop(sm, consumer, k_blocks, lane == 0, pipe, acc, fresh, corr);
+      consumer_epilogue(p, tc, consumer, warp, lane, acc, corr);
     }
   }
 #endif
