@@ -10,7 +10,7 @@ else
   VENV=${TORCH_HPC_VENV:-.venv}
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   PY=$VENV/bin/python
-  "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy ninja pytest expecttest matplotlib scikit-learn mpich mpi4py >&2
+  "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy ninja wheel pytest expecttest matplotlib scikit-learn mpich mpi4py >&2
 fi
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . >&2
 echo "$PY"

@@ -1,4 +1,5 @@
 """build_info() and the errors of a missing or mismatched compiled module."""
+import importlib.util
 import json
 import os
 import shutil
@@ -49,7 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_editable_install_works_offline(tmp_path):
     """The README's `pip install --no-build-isolation -e .` on a machine without network (an HPC
     compute node): no step may try to download build requirements. Builds a copy of the
-    checkout into a fresh venv that sees this one's packages (torch, setuptools, pip)."""
+    checkout into a fresh venv that sees this one's packages (torch, setuptools, wheel, pip).
+    Without pyproject.toml, pip (setuptools and wheel present) takes setuptools' legacy develop
+    step, which re-runs pip with build isolation and fails for want of the network."""
+    assert importlib.util.find_spec("wheel") and importlib.util.find_spec("setuptools"), \
+        "the set-up installs wheel and setuptools: without them pip takes another route"
     src = tmp_path / "src"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
