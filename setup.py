@@ -104,9 +104,11 @@ def warn_if_static_libstdcxx():
                                text=True).stdout.strip()
     except OSError:
         return
-    if found == "libstdc++.so":
-        print(f"torch_hpc: WARNING: {cxx} has no shared libstdc++; build with CXX=/usr/bin/g++ "
-              "(a static libstdc++ crashes when torch formats error messages)")
+    if found == "libstdc++.so" and "-L" not in os.environ.get("LDFLAGS", ""):
+        print(f"torch_hpc: WARNING: {cxx} has no shared libstdc++ (a static copy crashes when torch "
+              "formats error messages); build with a g++ that has one, or put a directory holding "
+              "a libstdc++.so link to the system's libstdc++.so.6 in LDFLAGS=-L<dir> "
+              "(benchmarks/gpu_check.sh does)")
 
 
 warn_if_static_libstdcxx()

@@ -9,10 +9,13 @@ OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-# A compiler that has only a static libstdc++ (the GPU image's /opt/gcc) gives the extension a
-# private copy whose iostreams crash when formatting numbers: use the system g++ when so.
-if [ "$(${CXX:-g++} -print-file-name=libstdc++.so)" = "libstdc++.so" ] && [ -x /usr/bin/g++ ]; then
-  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+# A compiler that has only a static libstdc++ (e.g. a g++ in /opt/gcc) gives the extension a
+# private copy whose iostreams crash when formatting numbers (segfaults in error paths): link
+# the system's shared libstdc++.so.6 instead.
+if [ "$(${CXX:-g++} -print-file-name=libstdc++.so)" = "libstdc++.so" ]; then
+  so=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 /{print $NF; exit}')
+  mkdir -p /tmp/torch_hpc_stdlib && ln -sf "$so" /tmp/torch_hpc_stdlib/libstdc++.so
+  export LDFLAGS="-L/tmp/torch_hpc_stdlib ${LDFLAGS:-}"
 fi
 rm -rf build torch_hpc/_C*.so torch_hpc/_comm*.so
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
