@@ -26,7 +26,8 @@ CASES = ([f"{op}-{dtype}" for op in ("all_reduce", "broadcast", "all_gather", "a
          + [f"send_recv-{dtype}" for dtype in ("float32", "float16", "int64", "bool")]
          + ["all_reduce_noncontiguous", "all_reduce_1M", "all_to_all_single_uneven", "all_to_all",
             "all_reduce_coalesced", "isend_irecv", "batch_isend_irecv", "async_all_reduce",
-            "async_queue", "recv_any_source", "sub_groups", "errors", "gil_release", "ddp_vs_gloo"])
+            "async_queue", "recv_any_source", "sub_groups", "options", "errors", "gil_release",
+            "ddp_vs_gloo"])
 RUNS = [("mpiexec", 2, "cpu"), ("mpiexec", 4, "cpu"), ("torchrun", 2, "cpu"),
         pytest.param("mpiexec", 2, "cuda", marks=requires_gpu),
         pytest.param("torchrun", 2, "cuda", marks=requires_gpu)]
