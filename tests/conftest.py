@@ -9,3 +9,9 @@ def emulate_every_shape():
     small to fill the GPU has its own test, which turns it on."""
     with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
         yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Lines tests recorded for the end of the run (e.g. the PyTorch suite's counts)."""
+    for line in getattr(config, "torch_hpc_summary", []):
+        terminalreporter.write_line(line)

@@ -25,9 +25,10 @@ CASES = ([f"{op}-{dtype}" for op in ("all_reduce", "broadcast", "all_gather", "a
                                      "reduce_scatter", "reduce_scatter_tensor") for dtype in DTYPES]
          + [f"send_recv-{dtype}" for dtype in ("float32", "float16", "int64", "bool")]
          + ["all_reduce_noncontiguous", "all_reduce_1M", "all_to_all_single_uneven", "all_to_all",
+            "all_gather_coalesced", "all_gather_into_tensor_in_place",
             "all_reduce_coalesced", "isend_irecv", "batch_isend_irecv", "async_all_reduce",
-            "async_queue", "recv_any_source", "sub_groups", "options", "errors", "gil_release",
-            "ddp_vs_gloo"])
+            "async_queue", "recv_any_source", "sub_groups", "options", "sparse_all_reduce", "errors",
+            "gil_release", "ddp_vs_gloo", "monitored_barrier"])
 RUNS = [("mpiexec", 2, "cpu"), ("mpiexec", 4, "cpu"), ("torchrun", 2, "cpu"),
         pytest.param("mpiexec", 2, "cuda", marks=requires_gpu),
         pytest.param("torchrun", 2, "cuda", marks=requires_gpu)]
@@ -72,9 +73,9 @@ def test_collective(launcher, n, device, case):
     reports = _run_ok(launcher, n, device)
     results = [r["cases"].get(case) for r in reports.values()]
     assert all(res is not None for res in results), f"the worker ran no case {case!r}"
-    assert sum(res["checks"] for res in results) > 0, f"case {case!r} checked nothing"
     failures = [f"rank {rank}: {f}" for rank, r in reports.items() for f in r["cases"][case]["failures"]]
     assert not failures, "\n".join(failures[:20])
+    assert sum(res["checks"] for res in results) > 0, f"case {case!r} checked nothing"
 
 
 @pytest.mark.parametrize("launcher,n,device", RUNS)
@@ -114,3 +115,27 @@ def test_exception_on_one_rank_ends_the_job():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "planted failure on rank 1" in proc.stderr
     assert time.monotonic() - start < 40
+
+
+ECOSYSTEM = ["functional_collectives", "autograd_collectives", "object_collectives", "new_subgroups",
+             "coalescing_manager", "dtensor", "fsdp2", "distributed_checkpoint"]
+
+
+@functools.cache
+def _ecosystem(launcher, n, checkpoint_dir):
+    proc, lines = run_workers(launcher, n, "ecosystem_worker.py", checkpoint_dir, timeout=300)
+    return proc, lines
+
+
+@pytest.mark.parametrize("case", ECOSYSTEM)
+@pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("torchrun", 2)])
+def test_ecosystem_on_hpc_mpi(tmp_path_factory, launcher, n, case):
+    """Functional and autograd collectives, object collectives, new_subgroups, coalescing,
+    DTensor, FSDP2 and distributed checkpointing run on hpc_mpi (CPU tensors)."""
+    _skip_torchrun_without_mpich(launcher)
+    proc, lines = _ecosystem(launcher, n, str(tmp_path_factory.getbasetemp() / f"dcp-{launcher}-{n}"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    mine = [line for line in lines if line["case"] == case]
+    assert sorted(line["rank"] for line in mine) == list(range(n)), proc.stderr[-3000:]
+    failures = [f"rank {line['rank']}: {x}" for line in mine for x in line["failures"]]
+    assert not failures, "\n".join(failures)

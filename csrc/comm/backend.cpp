@@ -216,7 +216,8 @@ void BackendHPCMPI::shutdown() {
   if (worker_.joinable()) worker_.join();
   if (watchdog_.joinable()) watchdog_.join();
   retired_.clear();
-  if (comm_ != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm_);
+  // A communicator with an abandoned operation is left allocated: freeing it would wait for it.
+  if (comm_ != MPI_COMM_NULL && abandoned_.empty() && !mpi_finalized()) MPI_Comm_free(&comm_);
   comm_ = MPI_COMM_NULL;
 }
 
@@ -230,6 +231,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
                                                      std::chrono::milliseconds timeout,
                                                      bool async_op, Entry entry) {
   const auto device = cuda_device_of(tensors, name);
+  sequence_.fetch_add(1, std::memory_order_relaxed);
   auto work = c10::make_intrusive<WorkHPCMPI>(rank_, type, name, std::move(result), device,
                                               options_.spin);
   if (device) {
@@ -250,6 +252,8 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::submit(c10d::OpType type, const ch
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!stop_, "torch_hpc hpc_mpi: ", name, " called after the process group was shut down");
+    TORCH_CHECK(closed_reason_.empty(), "torch_hpc hpc_mpi: ", name, ": the process group is closed (",
+                closed_reason_, ")");
     retired.swap(retired_);
     run_here = !async_op && !device && entry.run && options_.inline_blocking && queue_.empty() &&
                !worker_busy_ && !inline_running_ && pending_count_ == 0;
@@ -328,6 +332,16 @@ void BackendHPCMPI::poll_pending() {
     MPI_Status status;
     try {
       TORCH_HPC_MPI_CHECK(it->work->name(), MPI_Test(&it->request, &done, &status));
+      if (!done && it->fail_on_timeout && Clock::now() > it->deadline) {
+        {
+          std::lock_guard<std::mutex> lock(mutex_);
+          closed_reason_ = std::string(it->work->name()) + " timed out on rank " + std::to_string(rank_);
+        }
+        abandoned_.push_back(it->request);
+        TORCH_CHECK(false, "torch_hpc hpc_mpi: rank ", rank_, ": ", it->work->name(),
+                    " Timed out (other ranks did not arrive within the timeout); the process "
+                    "group is now closed");
+      }
       if (!done) {
         ++it;
         continue;
@@ -346,6 +360,7 @@ void BackendHPCMPI::poll_pending() {
   // watchdog. Outstanding point-to-point requests are watched too: an unmatched recv times out.
   int64_t earliest = 0;
   for (const auto& e : pending_) {
+    if (e.fail_on_timeout) continue;  // handled above, not by the watchdog
     const int64_t d = e.deadline.time_since_epoch().count();
     earliest = earliest == 0 ? d : std::min(earliest, d);
   }
@@ -442,7 +457,56 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::broadcast(std::vector<at::Tensor>&
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce(std::vector<at::Tensor>& tensors,
                                                         const c10d::AllreduceOptions& opts) {
   check_single(tensors, "all_reduce");
+  if (tensors[0].is_sparse()) return allreduce_sparse(tensors, opts);
   return allreduce_coalesced(tensors, c10d::AllreduceCoalescedOptions{opts});
+}
+
+// Sparse COO tensors (CPU), SUM: every rank's indices and values are gathered, concatenated and
+// coalesced (duplicate indices summed), and the result replaces the tensor's contents.
+c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                               const c10d::AllreduceOptions& opts) {
+  const char* name = "all_reduce (sparse)";
+  check_single(tensors, name);
+  at::Tensor t = tensors[0];
+  TORCH_CHECK_VALUE(t.layout() == at::kSparse && t.device().is_cpu(), "torch_hpc hpc_mpi: ", name,
+                    " supports CPU sparse COO tensors, got layout ", t.layout(), " on ", t.device());
+  TORCH_CHECK_VALUE(opts.reduceOp == c10d::ReduceOp::SUM, "torch_hpc hpc_mpi: ", name,
+                    " supports ReduceOp.SUM only");
+  const MPI_Datatype value_type = mpi_transfer_type(t.scalar_type(), name);
+  return enqueue(c10d::OpType::ALLREDUCE, name, {}, {t}, opts.timeout, opts.asyncOp,
+                 [this, t, value_type, name](WorkHPCMPI&) mutable {
+                   const at::Tensor local = t.coalesce();
+                   const at::Tensor indices = local._indices().t().contiguous();  // [nnz, sparse_dim]
+                   const at::Tensor values = local._values().contiguous();      // [nnz, dense...]
+                   const int64_t nnz = local._nnz();
+                   const int64_t index_width = indices.size(1);
+                   const int64_t value_width = nnz > 0 ? values.numel() / nnz
+                                                       : c10::multiply_integers(values.sizes().slice(1));
+                   std::vector<int64_t> counts(size_);
+                   TORCH_HPC_MPI_CHECK(name, MPI_Allgather(&nnz, 1, MPI_INT64_T, counts.data(), 1,
+                                                           MPI_INT64_T, comm_));
+                   const auto gather = [&](const at::Tensor& mine, at::Tensor& all, int64_t width,
+                                           MPI_Datatype type) {
+                     std::vector<int> lengths(size_), offsets(size_);
+                     int64_t offset = 0;
+                     for (int p = 0; p < size_; ++p) {
+                       lengths[p] = mpi_count(counts[p] * width, name);
+                       offsets[p] = mpi_count(offset, name);
+                       offset += counts[p] * width;
+                     }
+                     TORCH_HPC_MPI_CHECK(name, MPI_Allgatherv(mine.data_ptr(), lengths[rank_], type,
+                                                              all.data_ptr(), lengths.data(),
+                                                              offsets.data(), type, comm_));
+                   };
+                   const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t(0));
+                   at::Tensor all_indices = at::empty({total, index_width}, indices.options());
+                   std::vector<int64_t> value_shape(values.sizes().begin(), values.sizes().end());
+                   value_shape[0] = total;
+                   at::Tensor all_values = at::empty(value_shape, values.options());
+                   gather(indices, all_indices, index_width, MPI_INT64_T);
+                   gather(values, all_values, value_width, value_type);
+                   t.copy_(at::_sparse_coo_tensor_unsafe(all_indices.t(), all_values, t.sizes()).coalesce());
+                 });
 }
 
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_coalesced(
@@ -525,25 +589,40 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather(std::vector<std::vector<
                                                         const c10d::AllgatherOptions& opts) {
   check_single(inputs, "all_gather");
   TORCH_CHECK_VALUE(outputs.size() == 1, "torch_hpc hpc_mpi: all_gather takes one output list");
-  return allgather_coalesced(outputs, inputs, opts);
+  return allgather_lists(outputs, inputs, opts, "all_gather");
 }
 
+// c10d's output_lists[p][i] is input i of rank p (one list per rank, shaped like the inputs).
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& output_lists, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
-  const char* name = inputs.size() == 1 ? "all_gather" : "all_gather_coalesced";
-  TORCH_CHECK_VALUE(output_lists.size() == inputs.size(), "torch_hpc hpc_mpi: ", name,
-                    ": one output list per input expected");
+  const char* name = "all_gather_coalesced";
+  TORCH_CHECK_VALUE(output_lists.size() == static_cast<size_t>(size_), "torch_hpc hpc_mpi: ", name,
+                    ": expected one output list per rank (", size_, "), got ", output_lists.size());
+  std::vector<std::vector<at::Tensor>> by_input(inputs.size());
+  for (size_t p = 0; p < output_lists.size(); ++p) {
+    TORCH_CHECK_VALUE(output_lists[p].size() == inputs.size(), "torch_hpc hpc_mpi: ", name,
+                      ": output list ", p, " holds ", output_lists[p].size(), " tensors, expected ",
+                      inputs.size(), " (one per input)");
+    for (size_t i = 0; i < inputs.size(); ++i) by_input[i].push_back(output_lists[p][i]);
+  }
+  return allgather_lists(by_input, inputs, opts, name);
+}
+
+// by_input[i][p] receives input i of rank p.
+c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_lists(
+    std::vector<std::vector<at::Tensor>> by_input, std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& opts, const char* name) {
   std::vector<MPI_Datatype> types;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    check_list(output_lists[i], inputs[i], size_, name, "output");
+    check_list(by_input[i], inputs[i], size_, name, "output");
     types.push_back(mpi_transfer_type(inputs[i].scalar_type(), name));
     mpi_count(inputs[i].numel() * size_, name);
   }
-  std::vector<at::Tensor> all = flat_list(output_lists);
+  std::vector<at::Tensor> all = flat_list(by_input);
   all.insert(all.end(), inputs.begin(), inputs.end());
-  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(output_lists), opts.timeout, opts.asyncOp,
-                 [this, output_lists, inputs, types, name](WorkHPCMPI& w) {
+  return enqueue(c10d::OpType::ALLGATHER, name, all, flat_list(by_input), opts.timeout, opts.asyncOp,
+                 [this, by_input, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
                      const at::Tensor in = s.input(inputs[i]);
@@ -552,7 +631,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_coalesced(
                      TORCH_HPC_MPI_CHECK(name, MPI_Allgather(in.data_ptr(), n, types[i], flat.data_ptr(),
                                                              n, types[i], comm_));
                      for (int p = 0; p < size_; ++p)
-                       s.commit(flat.narrow(0, int64_t(p) * n, n), output_lists[i][p]);
+                       s.commit(flat.narrow(0, int64_t(p) * n, n), by_input[i][p]);
                    }
                  });
 }
@@ -586,11 +665,24 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allgather_into_tensor_coalesced(
                  [this, outputs, inputs, types, name](WorkHPCMPI& w) {
                    Staging s(w);
                    for (size_t i = 0; i < inputs.size(); ++i) {
-                     const at::Tensor in = s.input(inputs[i]);
+                     at::Tensor in = s.input(inputs[i]);
                      at::Tensor out = s.output(outputs[i]);
                      const int n = static_cast<int>(in.numel());
-                     TORCH_HPC_MPI_CHECK(name, MPI_Allgather(in.data_ptr(), n, types[i], out.data_ptr(),
-                                                             n, types[i], comm_));
+                     // The input may be this rank's slot of the output (FSDP2 gathers in place):
+                     // MPI wants MPI_IN_PLACE there, and no other overlap at all.
+                     const int64_t bytes = in.numel() * in.element_size();
+                     const char* in_begin = static_cast<const char*>(in.data_ptr());
+                     const char* out_begin = static_cast<const char*>(out.data_ptr());
+                     const void* send = in.data_ptr();
+                     if (bytes > 0 && in_begin == out_begin + rank_ * bytes) {
+                       send = MPI_IN_PLACE;
+                     } else if (bytes > 0 && in_begin < out_begin + size_ * bytes &&
+                                out_begin < in_begin + bytes) {
+                       in = in.clone();
+                       send = in.data_ptr();
+                     }
+                     TORCH_HPC_MPI_CHECK(name, MPI_Allgather(send, n, types[i], out.data_ptr(), n,
+                                                             types[i], comm_));
                      s.commit(out, outputs[i]);
                    }
                  });
@@ -813,10 +905,15 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::alltoall(std::vector<at::Tensor>& 
                  });
 }
 
+// Nonblocking underneath: a barrier that outlives its timeout raises on the caller (the group
+// closes), as the suite torch holds its backends to expects of a lone rank's barrier.
 c10::intrusive_ptr<c10d::Work> BackendHPCMPI::barrier(const c10d::BarrierOptions& opts) {
-  return enqueue(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, opts.asyncOp, [this](WorkHPCMPI&) {
-    TORCH_HPC_MPI_CHECK("barrier", MPI_Barrier(comm_));
-  });
+  Entry entry;
+  entry.fail_on_timeout = true;
+  entry.post = [this](WorkHPCMPI&, Entry& e) {
+    TORCH_HPC_MPI_CHECK("barrier", MPI_Ibarrier(comm_, &e.request));
+  };
+  return submit(c10d::OpType::BARRIER, "barrier", {}, {}, opts.timeout, opts.asyncOp, std::move(entry));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -89,12 +89,18 @@ class BackendHPCMPI : public c10d::Backend {
   ~BackendHPCMPI() override;
 
   const std::string getBackendName() const override { return "hpc_mpi"; }
+  // Every rank starts the group at 0 and counts the operations it submits (in program order,
+  // the same on every rank of a correct program).
+  void setSequenceNumberForGroup() override { sequence_.store(0); }
+  uint64_t getSequenceNumberForGroup() override { return sequence_.load(); }
   void shutdown() override;
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                  const c10d::AllreduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
       std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
@@ -148,6 +154,9 @@ class BackendHPCMPI : public c10d::Backend {
     MPI_Request request = MPI_REQUEST_NULL;
     std::function<void(WorkHPCMPI&, const MPI_Status&)> on_done;
     Clock::time_point deadline;
+    // Past its deadline the work fails with a timeout error and the group closes (barrier, as
+    // gloo does), instead of the watchdog aborting the job.
+    bool fail_on_timeout = false;
   };
 
   c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, const char* name,
@@ -164,6 +173,9 @@ class BackendHPCMPI : public c10d::Backend {
                                              std::function<void(WorkHPCMPI&, Entry&)> post);
   void run_entry(Entry& entry);
   void retire(Entry entry);
+  c10::intrusive_ptr<c10d::Work> allgather_lists(std::vector<std::vector<at::Tensor>> by_input,
+                                                 std::vector<at::Tensor>& inputs,
+                                                 const c10d::AllgatherOptions& opts, const char* name);
   void allreduce_in_place(void* data, int count, MPI_Datatype type, MPI_Op op, const char* name);
   void poll_pending();
   void worker_loop();
@@ -173,11 +185,15 @@ class BackendHPCMPI : public c10d::Backend {
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::chrono::milliseconds timeout_;
   const BackendOptions options_;
+  std::atomic<uint64_t> sequence_{0};
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Entry> queue_;
   std::atomic<size_t> queued_{0};  // queue_.size(), read without the lock while spinning
   std::list<Entry> pending_;  // worker thread only
+  // Requests of timed-out operations: never completed, so the communicator is never freed.
+  std::vector<MPI_Request> abandoned_;  // worker thread only
+  std::string closed_reason_;           // set once a timeout closed the group; guarded by mutex_
   size_t pending_count_ = 0;  // pending_.size(), guarded by mutex_
   std::vector<Entry> retired_;  // finished, released by the next caller
   bool worker_busy_ = false;

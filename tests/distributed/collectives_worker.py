@@ -7,6 +7,7 @@ turns each into a pytest test of its own.
     python collectives_worker.py [cpu|cuda]
 """
 import contextlib
+import datetime
 import json
 import sys
 import threading
@@ -188,6 +189,12 @@ def test_movement():
             check(f"all_to_all_single {dtype}", recv,
                   torch.cat([value(p * N + RANK, numel=2, dtype=dtype) for p in range(N)]))
 
+    with case("all_gather_into_tensor_in_place"):  # the input is this rank's slot (as FSDP2 does)
+        flat = on(torch.zeros(N * 7))
+        flat[RANK * 7:(RANK + 1) * 7] = on(value(RANK))
+        dist.all_gather_into_tensor(flat, flat[RANK * 7:(RANK + 1) * 7])
+        check("all_gather_into_tensor in place", flat, torch.cat([value(r) for r in range(N)]))
+
     with case("all_to_all_single_uneven"):  # rank r sends (p + 1) rows of width 3 to rank p
         send = on(torch.cat([torch.full((p + 1, 3), float(10 * RANK + p)) for p in range(N)]))
         recv = on(torch.zeros(N * (RANK + 1), 3))
@@ -195,6 +202,14 @@ def test_movement():
                                input_split_sizes=[p + 1 for p in range(N)])
         check("all_to_all_single uneven", recv,
               torch.cat([torch.full((RANK + 1, 3), float(10 * p + RANK)) for p in range(N)]))
+
+    with case("all_gather_coalesced"):  # one output list per rank, shaped like the inputs
+        ins = [on(value(RANK, numel=3)), on(value(RANK, numel=5, offset=1))]
+        outs = [[on(torch.zeros(3)), on(torch.zeros(5))] for _ in range(N)]
+        dist.all_gather_coalesced(outs, ins)
+        for r in range(N):
+            check(f"all_gather_coalesced [{r}][0]", outs[r][0], value(r, numel=3))
+            check(f"all_gather_coalesced [{r}][1]", outs[r][1], value(r, numel=5, offset=1))
 
     with case("all_to_all"):
         outs = [on(torch.zeros(p + 2)) for p in range(N)]
@@ -356,6 +371,35 @@ def test_options():
                  exc=TypeError)
 
 
+def test_monitored_barrier():
+    """All ranks pass; then the last rank stays away: rank 0 names it, the others are not released."""
+    monitored_barrier = torch_hpc.distributed.monitored_barrier
+    monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    count()
+    if RANK != N - 1:
+        count()
+        expected = f"Rank {N - 1} failed to pass" if RANK == 0 else "was not released"
+        try:
+            monitored_barrier(timeout=datetime.timedelta(seconds=1), wait_all_ranks=True)
+            fail("monitored_barrier without the last rank: no error raised")
+        except RuntimeError as e:
+            if expected not in str(e):
+                fail(f"monitored_barrier without the last rank: the error does not say {expected!r}: {e}")
+    dist.barrier()
+
+
+def test_sparse_all_reduce():
+    if DEVICE.type != "cpu":
+        return expect_error("sparse CUDA all_reduce", lambda: dist.all_reduce(
+            torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1), (3,)).to(DEVICE)))
+    def sparse(r):
+        return torch.sparse_coo_tensor(torch.tensor([[r % 3, 2], [0, r]]), torch.tensor([1.0 + r, 10.0]), (3, N))
+    t = sparse(RANK)
+    dist.all_reduce(t)
+    check("sparse all_reduce", t.to_dense(), sum(sparse(r).to_dense() for r in range(N)))
+    expect_error("sparse all_reduce MAX", lambda: dist.all_reduce(sparse(RANK), op=R.MAX))
+
+
 def test_errors():
     expect_error("unsupported dtype uint32", lambda: dist.all_reduce(on(torch.ones(2, dtype=torch.uint32))))
     expect_error("AVG on int", lambda: dist.all_reduce(on(torch.ones(2, dtype=torch.int32)), op=R.AVG))
@@ -401,9 +445,10 @@ test_all_reduce()
 test_movement()
 test_reduce_family()
 test_point_to_point_and_async()
-for name, fn in [("sub_groups", test_sub_groups), ("options", test_options), ("errors", test_errors),
+for name, fn in [("sub_groups", test_sub_groups), ("options", test_options),
+                 ("sparse_all_reduce", test_sparse_all_reduce), ("errors", test_errors),
                  ("gil_release", test_blocking_collective_releases_gil),
-                 ("ddp_vs_gloo", test_ddp_matches_gloo)]:
+                 ("ddp_vs_gloo", test_ddp_matches_gloo), ("monitored_barrier", test_monitored_barrier)]:
     with case(name):
         fn()
 dist.barrier()
