@@ -4,6 +4,7 @@ that end the job instead of hanging."""
 import functools
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,16 @@ def test_ecosystem_on_hpc_mpi(tmp_path_factory, launcher, n, case):
     assert sorted(line["rank"] for line in mine) == list(range(n)), proc.stderr[-3000:]
     failures = [f"rank {line['rank']}: {x}" for line in mine for x in line["failures"]]
     assert not failures, "\n".join(failures)
+
+
+def test_comm_benchmark_runs_and_reports_its_targets(tmp_path):
+    """benchmarks/comm.py end to end at small sizes (numbers come from real runs of it, not here)."""
+    import json
+    from launchers import run_script
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "comm.py"
+    proc, _ = run_script("mpiexec", 2, bench, "--max-bytes", "16384", "--out", tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "comm-cpu-2ranks.json").read_text())
+    assert set(result["summary"]) == {"hpc_mpi/gloo from 4 KiB"}  # the others start at 1 and 4 MiB
+    assert {"hpc_mpi", "process_group", "gloo", "mpi4py"} <= set(result["rows"][0])
+    assert (tmp_path / "comm-cpu-2ranks.png").exists()
