@@ -8,6 +8,7 @@ import socket
 
 import torch.distributed as dist
 
+from .addresses import reachable_by_all
 from .launcher import LaunchInfo, detect_launcher
 from .mpi import init_mpi, release_at_exit
 from .options import Options
@@ -87,15 +88,18 @@ def register() -> None:
 
 
 def _publish_master_address(comm) -> None:
-    """Under an MPI launcher rank 0 chooses MASTER_ADDR/PORT and broadcasts them."""
+    """Under an MPI launcher rank 0 chooses MASTER_ADDR/PORT and broadcasts them: MASTER_ADDR
+    as set, else 127.0.0.1 on one host, else an address of rank 0 every rank could connect to
+    (host names may resolve to loopback on every host)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         return
-    address = None
+    host = os.environ.get("MASTER_ADDR") or reachable_by_all(comm)
+    port = None
     if comm.rank == 0:
         with socket.socket() as s:
             s.bind(("", 0))
-            address = (os.environ.get("MASTER_ADDR") or socket.gethostname(), s.getsockname()[1])
-    host, port = comm.bcast(address, root=0)
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = host, str(port)
 
 

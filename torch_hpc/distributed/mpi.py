@@ -8,10 +8,10 @@ communicator (use the communicator init_mpi returns, not MPI_COMM_WORLD)."""
 import atexit
 import datetime
 import os
-import socket
 import sys
 import time
 
+from .addresses import local_ipv4_addresses
 from .launcher import LaunchInfo, detect_launcher
 
 _pmi_server = None  # rank 0's PMI server process, kept alive for the job's life
@@ -88,11 +88,11 @@ def _join_world_through_pmi(launch: LaunchInfo, store, timeout):
     key = _restart_key("pmi")
     if launch.rank == 0:
         _pmi_server, port = pmi.start_server(launch.world_size, launch.local_world_size)
-        host = os.environ.get("TORCH_HPC_PMI_HOST") or socket.gethostname()
-        store.set(key, f"{host}:{port}")
+        hosts = os.environ.get("TORCH_HPC_PMI_HOST") or ",".join(local_ipv4_addresses())
+        store.set(key, f"{hosts}:{port}")
     store.wait([key], timeout)
-    host, _, port = store.get(key).decode().rpartition(":")
-    pmi.connect_client(host, int(port), launch.rank, launch.world_size)
+    hosts, _, port = store.get(key).decode().rpartition(":")
+    pmi.connect_client(hosts.split(","), int(port), launch.rank, launch.world_size)
 
 
 def _prepare_ompi_server(launch: LaunchInfo, store, timeout):

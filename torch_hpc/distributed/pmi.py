@@ -130,9 +130,11 @@ def start_server(size: int, local_size: int) -> tuple[subprocess.Popen, int]:
     return proc, int(line[5:])
 
 
-def connect_client(host: str, port: int, rank: int, size: int) -> None:
-    """Connects this rank to the server and sets what MPICH's MPI_Init reads."""
-    sock = socket.create_connection((host, port), timeout=60)
+def connect_client(hosts: list[str], port: int, rank: int, size: int) -> None:
+    """Connects this rank to the server (at the first of `hosts` that answers) and sets what
+    MPICH's MPI_Init reads."""
+    from .addresses import connect_first
+    sock = connect_first(hosts, port, timeout=20)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     fd = sock.detach()
