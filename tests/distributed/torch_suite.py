@@ -10,7 +10,6 @@ TORCH_HPC_SUITE_AS=gloo configures the suite exactly as for gloo (so nothing is 
 backend's name) while every process group is created on hpc_mpi.
 """
 import os
-import sys
 
 import torch.distributed as dist
 

@@ -2,10 +2,7 @@
 world and rendezvous under mpiexec with a host list and under multi-node torchrun, hpc_mpi
 collectives and DDP, the asynchronous exchange (no lost update; a sleeping rank on one node does
 not stall the other), and the digits example in both modes."""
-import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 

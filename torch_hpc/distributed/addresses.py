@@ -39,8 +39,11 @@ def connect_first(addresses, port: int, timeout: float) -> socket.socket:
 def reachable_by_all(comm) -> str:
     """Under MPI: an address of rank 0 that every rank of `comm` can connect to (collective)."""
     from mpi4py import MPI
-    if comm.Split_type(MPI.COMM_TYPE_SHARED).size == comm.size:
-        return "127.0.0.1"  # one host
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    one_host = node.size == comm.size
+    node.Free()
+    if one_host:
+        return "127.0.0.1"
     listener = None
     if comm.rank == 0:
         addresses = local_ipv4_addresses()
