@@ -480,8 +480,7 @@ c10::intrusive_ptr<c10d::Work> BackendHPCMPI::allreduce_sparse(std::vector<at::T
                    const at::Tensor values = local._values().contiguous();      // [nnz, dense...]
                    const int64_t nnz = local._nnz();
                    const int64_t index_width = indices.size(1);
-                   const int64_t value_width = nnz > 0 ? values.numel() / nnz
-                                                       : c10::multiply_integers(values.sizes().slice(1));
+                   const int64_t value_width = c10::multiply_integers(values.sizes().slice(1));
                    std::vector<int64_t> counts(size_);
                    TORCH_HPC_MPI_CHECK(name, MPI_Allgather(&nnz, 1, MPI_INT64_T, counts.data(), 1,
                                                            MPI_INT64_T, comm_));

@@ -10,7 +10,7 @@ _SIOCGIFADDR = 0x8915
 
 
 def local_ipv4_addresses() -> list[str]:
-    """Addresses of this host's interfaces that are up, loopback last."""
+    """The IPv4 addresses of this host's interfaces, loopback last."""
     found = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
