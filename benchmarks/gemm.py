@@ -2,6 +2,13 @@
 
     python benchmarks/gemm.py                      # square sizes 256..8192 on the GPU (CPU: 256..1024)
     python benchmarks/gemm.py --sizes 4096 8192 --shapes 64x8192x8192 8192x8192x256
+    python benchmarks/gemm.py --grid --methods fp32 torch_hpc torch_hpc_emulated
+                                                   # every shape family torch_hpc must not lose on
+
+--grid sweeps squares 128..16384, skinny products, small K, batched attention products (QK^T and
+PV), broadcasting matmul and the Linear layers of common models. Batched points run
+torch.matmul against torch_hpc.matmul; "torch_hpc_emulated" is torch_hpc with the SGEMM
+fallback off (the tensor-core path alone), which shows where the fallback rule should switch.
 
 TFLOP/s counts 2*M*N*K fp32-equivalent flops; each time is the median of --reps timed runs
 after warm-up, with inputs rotated so the L2 cache does not flatter small sizes. Error is
@@ -22,12 +29,16 @@ import torch
 
 import torch_hpc
 
-METHODS = ["fp32", "tf32", "fp16_1pass", "naive_3xfp16", "torch_hpc", "jax_bf16_x3", "jax_bf16_x6"]
+METHODS = ["fp32", "tf32", "fp16_1pass", "naive_3xfp16", "torch_hpc", "torch_hpc_emulated",
+           "jax_bf16_x3", "jax_bf16_x6"]
+DEFAULT_METHODS = [m for m in METHODS if m != "torch_hpc_emulated"]
 LABELS = {
     "fp32": "torch fp32 (TF32 off)", "tf32": "torch TF32", "fp16_1pass": "fp16 1-pass",
-    "naive_3xfp16": "naive 3xfp16 (3 torch.mm)", "torch_hpc": "torch_hpc.mm",
+    "naive_3xfp16": "naive 3xfp16 (3 torch.mm)", "torch_hpc": "torch_hpc",
+    "torch_hpc_emulated": "torch_hpc, no SGEMM fallback",
     "jax_bf16_x3": "JAX BF16_BF16_F32_X3", "jax_bf16_x6": "JAX BF16_BF16_F32_X6",
 }
+TWO_D_ONLY = {"fp16_1pass", "naive_3xfp16"}
 
 
 def naive_3xfp16(a, b):
@@ -40,17 +51,24 @@ def naive_3xfp16(a, b):
     return mm(a_hi, b_hi) + (mm(a_hi, b_lo) + mm(a_lo, b_hi)) / 2048
 
 
+def emulated_only(a, b):
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+        return torch_hpc.matmul(a, b)
+
+
 def torch_method(name, device):
     if name == "fp32":
-        return lambda a, b: torch.mm(a, b), None
+        return torch.matmul, None
     if name == "tf32":
-        return lambda a, b: torch.mm(a, b), "tf32"
+        return torch.matmul, "tf32"
     if name == "fp16_1pass":  # operands converted ahead of time: the GEMM alone is timed
         return lambda a, b: torch.mm(a, b, out_dtype=torch.float32), "fp16_inputs"
     if name == "naive_3xfp16":  # fp16 GEMMs with fp32 output exist on CUDA only
         return naive_3xfp16, "gpu_only"
     if name == "torch_hpc":
-        return torch_hpc.mm, None
+        return torch_hpc.matmul, None
+    if name == "torch_hpc_emulated":
+        return emulated_only, None
     raise KeyError(name)
 
 
@@ -66,8 +84,8 @@ def jax_methods():
     out = {}
     for name, preset in (("jax_bf16_x3", "BF16_BF16_F32_X3"), ("jax_bf16_x6", "BF16_BF16_F32_X6")):
         algo = getattr(jax.lax.DotAlgorithmPreset, preset)
-        fn = jax.jit(lambda a, b, algo=algo: jnp.dot(a, b, precision=algo,
-                                                      preferred_element_type=jnp.float32))
+        fn = jax.jit(lambda a, b, algo=algo: jnp.matmul(a, b, precision=algo,
+                                                         preferred_element_type=jnp.float32))
         out[name] = fn
     return out
 
@@ -108,20 +126,57 @@ def rel_error(c, ref):
     return ((c.double() - ref).norm() / ref.norm()).item()
 
 
-def input_sets(m, n, k, device, l2_bytes, seed):
-    per_set = 4 * (m * k + k * n)
+def point(a_shape, b_shape, label=None, group="mm"):
+    """A product torch.matmul(a, b) of the given shapes: M, N, K, the broadcast batch, a label."""
+    m, k, n = a_shape[-2], a_shape[-1], b_shape[-1]
+    batch = math.prod(torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
+    if label is None:
+        label = f"{m}x{n}x{k}" if len(a_shape) == len(b_shape) == 2 else \
+            f"{'x'.join(map(str, a_shape))} @ {'x'.join(map(str, b_shape))}"
+    return {"a": list(a_shape), "b": list(b_shape), "m": m, "n": n, "k": k, "batch": batch,
+            "label": label, "group": group}
+
+
+def grid_points():
+    pts = [point((n, n), (n, n), group="square") for n in (128, 256, 512, 1024, 2048, 4096, 8192, 16384)]
+    for s in (1, 16, 64, 256):
+        pts.append(point((s, 8192), (8192, 8192), group="skinny"))
+        pts.append(point((8192, 8192), (8192, s), group="skinny"))
+    for k in (16, 64, 128):
+        for n in (4096, 8192):
+            pts.append(point((n, k), (k, n), group="small K"))
+    for bh, seq in ((32, 512), (512, 512), (32, 1024), (256, 1024), (32, 2048), (128, 2048), (32, 4096)):
+        for d in (64, 128):
+            pts.append(point((bh, seq, d), (bh, d, seq), f"QK^T {bh}x({seq}x{d} . {d}x{seq})", "attention"))
+            pts.append(point((bh, seq, seq), (bh, seq, d), f"PV {bh}x({seq}x{seq} . {seq}x{d})", "attention"))
+    pts.append(point((8, 16, 512, 64), (16, 64, 512), group="broadcast"))
+    pts.append(point((16, 1024, 1024), (1024, 4096), group="broadcast"))
+    pts.append(point((4, 1, 1024, 128), (1, 16, 128, 1024), group="broadcast"))
+    # Linear layers (tokens x in) @ (in x out), and their weight gradients (out x tokens) @ (tokens x in)
+    for name, tokens, d_in, d_out in (("BERT-base qkv", 4096, 768, 768), ("BERT-base ffn1", 4096, 768, 3072),
+                                      ("BERT-base ffn2", 4096, 3072, 768), ("GPT-2 XL ffn1", 8192, 1600, 6400),
+                                      ("Llama-7B attn", 2048, 4096, 4096), ("Llama-7B up", 2048, 4096, 11008),
+                                      ("Llama-7B down", 2048, 11008, 4096), ("ResNet-50 fc", 256, 2048, 1000)):
+        pts.append(point((tokens, d_in), (d_in, d_out), f"{name} {tokens}x{d_out}x{d_in}", "linear"))
+        pts.append(point((d_out, tokens), (tokens, d_in), f"{name} wgrad {d_out}x{d_in}x{tokens}", "linear"))
+    return pts
+
+
+def input_sets(pt, device, l2_bytes, seed):
+    per_set = 4 * (math.prod(pt["a"]) + math.prod(pt["b"]))
     count = max(2, min(8, math.ceil(3 * l2_bytes / per_set)))
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [(torch.randn(m, k, device=device, generator=gen), torch.randn(k, n, device=device, generator=gen))
+    return [(torch.randn(pt["a"], device=device, generator=gen), torch.randn(pt["b"], device=device, generator=gen))
             for _ in range(count)]
 
 
-def bench_shape(m, n, k, device, methods, jax_fns, reps, warmup, l2_bytes, seed):
-    sets = input_sets(m, n, k, device, l2_bytes, seed)
+def bench_point(pt, device, methods, jax_fns, reps, warmup, l2_bytes, seed):
+    sets = input_sets(pt, device, l2_bytes, seed)
     a0, b0 = sets[0]
-    ref = torch.mm(a0.double(), b0.double())
-    flops = 2.0 * m * n * k
-    row = {"m": m, "n": n, "k": k}
+    ref = torch.matmul(a0.double(), b0.double())
+    flops = 2.0 * pt["batch"] * pt["m"] * pt["n"] * pt["k"]
+    row = dict(pt)
+    two_d = len(pt["a"]) == len(pt["b"]) == 2
     for name in methods:
         if name.startswith("jax"):
             if name not in jax_fns:
@@ -132,6 +187,8 @@ def bench_shape(m, n, k, device, methods, jax_fns, reps, warmup, l2_bytes, seed)
             seconds = time_jax(jax_fns[name], jsets, reps, warmup)
             del jsets
         else:
+            if name in TWO_D_ONLY and not two_d:
+                continue
             fn, mode = torch_method(name, device)
             if device != "cuda" and mode is not None:
                 continue  # TF32 / fp16 tensor-core methods are GPU-only
@@ -148,26 +205,37 @@ def bench_shape(m, n, k, device, methods, jax_fns, reps, warmup, l2_bytes, seed)
 
 def print_table(rows, methods, out=sys.stdout):
     present = [m for m in methods if any(m in r for r in rows)]
-    head = f"{'M x N x K':>20} | " + " | ".join(f"{LABELS[m]:>26}" for m in present)
+    width = max(20, max(len(r["label"]) for r in rows))
+    head = f"{'product':>{width}} | " + " | ".join(f"{LABELS[m]:>28}" for m in present)
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         cells = []
         for m in present:
             v = r.get(m)
-            cells.append(f"{v['tflops']:8.3g} TF/s  err {v['error']:.1e}" if v else f"{'-':>26}")
-        print(f"{r['m']:>6}x{r['n']:>6}x{r['k']:>6} | " + " | ".join(f"{c:>26}" for c in cells), file=out)
-    if all("fp32" in r and "torch_hpc" in r for r in rows):
-        print("\ntorch_hpc vs fp32:  " + ",  ".join(
-            f"{r['m']}x{r['n']}x{r['k']}: {r['torch_hpc']['tflops'] / r['fp32']['tflops']:.2f}x speed, "
-            f"{r['torch_hpc']['error'] / r['fp32']['error']:.2f}x error" for r in rows), file=out)
+            cells.append(f"{v['tflops']:8.3g} TF/s  err {v['error']:.1e}" if v else f"{'-':>28}")
+        print(f"{r['label']:>{width}} | " + " | ".join(f"{c:>28}" for c in cells), file=out)
+    for method in ("torch_hpc", "torch_hpc_emulated"):
+        both = [r for r in rows if "fp32" in r and method in r]
+        if not both:
+            continue
+        print(f"\n{LABELS[method]} vs fp32 (speed, error):", file=out)
+        for r in both:
+            speed = r[method]["tflops"] / r["fp32"]["tflops"]
+            error = r[method]["error"] / r["fp32"]["error"]
+            flag = "  <-- below 0.95x" if speed < 0.95 else ""
+            print(f"  {r['label']:>{width}}: {speed:5.2f}x, {error:5.2f}x{flag}", file=out)
+        speeds = [r[method]["tflops"] / r["fp32"]["tflops"] for r in both]
+        print(f"  lowest {min(speeds):.2f}x, points below 0.95x: {sum(v < 0.95 for v in speeds)} of "
+              f"{len(speeds)}, highest error ratio {max(r[method]['error'] / r['fp32']['error'] for r in both):.2f}x",
+              file=out)
 
 
 def plot(rows, methods, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    square = [r for r in rows if r["m"] == r["n"] == r["k"]]
+    square = [r for r in rows if r["m"] == r["n"] == r["k"] and r["batch"] == 1]
     if not square:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -200,7 +268,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="*", help="square sizes n (M = N = K = n)")
     p.add_argument("--shapes", nargs="*", default=[], help="extra MxNxK shapes")
-    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--grid", action="store_true", help="the shape grid (see above) instead of --sizes")
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=METHODS)
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (GPU default 30)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -211,9 +280,10 @@ def main(argv=None):
 
     device = args.device
     if args.sizes is None:
-        args.sizes = [256, 512, 1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024]
+        args.sizes = [] if args.grid else [256, 512, 1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024]
     reps = args.reps or (30 if device == "cuda" else 5)
-    shapes = [(n, n, n) for n in args.sizes] + [parse_shape(s) for s in args.shapes]
+    points = [point((n, n), (n, n)) for n in args.sizes] + \
+        [point((m, k), (k, n)) for m, n, k in map(parse_shape, args.shapes)] + (grid_points() if args.grid else [])
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         card, l2 = props.name, props.L2_cache_size
@@ -224,9 +294,9 @@ def main(argv=None):
           f"{datetime.date.today()}, {reps} timed runs per point", flush=True)
 
     rows = []
-    for i, (m, n, k) in enumerate(shapes):
-        print(f"[{i + 1}/{len(shapes)}] {m}x{n}x{k} ...", file=sys.stderr, flush=True)
-        rows.append(bench_shape(m, n, k, device, args.methods, jax_fns, reps, args.warmup, l2, args.seed + i))
+    for i, pt in enumerate(points):
+        print(f"[{i + 1}/{len(points)}] {pt['label']} ...", file=sys.stderr, flush=True)
+        rows.append(bench_point(pt, device, args.methods, jax_fns, reps, args.warmup, l2, args.seed + i))
         if device == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, args.methods)

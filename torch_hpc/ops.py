@@ -1,9 +1,10 @@
 """The emulated-fp32 ops: thin wrappers over torch.ops.torch_hpc, their fake (meta)
 implementations for torch.compile, and autograd whose backward uses the same emulated product.
 
-mm and bmm are the compiled kernels; matmul (torch.matmul semantics) and linear (F.linear
-semantics) are composite ops over them. Tensors that are not float32 reaching matmul/linear go
-to the ordinary PyTorch op, and so does everything under autocast.
+mm and bmm are the compiled kernels, with autograd in C++ (csrc/gemm/autograd.cpp); matmul
+(torch.matmul semantics) and linear (F.linear semantics) are C++ composite ops over them.
+Tensors that are not float32 reaching matmul/linear go to the ordinary PyTorch op, and so does
+everything under autocast.
 """
 import torch
 from torch import Tensor
@@ -23,21 +24,13 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
     return _ops.bmm.default(a, b)
 
 
-def _autocast_on(*tensors) -> bool:
-    return any(torch.is_autocast_enabled(t.device.type) for t in tensors if isinstance(t, Tensor))
-
-
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """torch.matmul (1-D promotion, batch broadcasting) with the emulated product."""
-    if _autocast_on(a, b):
-        return torch.matmul(a, b)
     return _ops.matmul.default(a, b)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear (input @ weight.T + bias) with the emulated product."""
-    if _autocast_on(input, weight):
-        return torch.nn.functional.linear(input, weight, bias)
     return _ops.linear.default(input, weight, bias)
 
 
@@ -108,27 +101,3 @@ def _split_planes_fake(x):
 def _mm_planes_fake(a, b, b_hi, b_lo, b_exponent, b_fallback):
     _check_matmul_args(a, b, 2, "mm_planes")
     return a.new_empty((a.shape[0], b.shape[1]))
-
-
-def _setup_context(ctx, inputs, output):
-    a, b = inputs
-    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
-                          b if ctx.needs_input_grad[0] else None)
-
-
-def _mm_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a = mm(grad, b.t()) if ctx.needs_input_grad[0] else None
-    grad_b = mm(a.t(), grad) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
-
-
-def _bmm_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a = bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-    grad_b = bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
-
-
-torch.library.register_autograd("torch_hpc::mm", _mm_backward, setup_context=_setup_context)
-torch.library.register_autograd("torch_hpc::bmm", _bmm_backward, setup_context=_setup_context)

@@ -33,18 +33,13 @@ def _settings():
     return stack
 
 
-def _routed(settings, *tensors) -> bool:
-    enabled, cpu = settings
-    if not enabled:
+def _emulated(t, cpu: bool) -> bool:
+    """Whether operand t is a float32 tensor on a routed device, autocast off there."""
+    if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32:
         return False
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            return False
-        if t.device.type != "cuda" and not (cpu and t.device.type == "cpu"):
-            return False
-        if torch.is_autocast_enabled(t.device.type):
-            return False
-    return True
+    if t.is_cuda:
+        return not torch.is_autocast_enabled("cuda")
+    return cpu and t.is_cpu and not torch.is_autocast_enabled("cpu")
 
 
 def _addmm(input, m1, m2, *, beta=1, alpha=1):
@@ -65,21 +60,37 @@ def _baddbmm(input, b1, b2, *, beta=1, alpha=1):
     return product + (input if beta == 1 else beta * input)
 
 
-# func -> (name, emulated implementation, number of leading matrix operands to check)
+def _scalar_kwargs(kwargs) -> bool:
+    return kwargs.keys() <= {"beta", "alpha"} and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+
+
+# Each route: (name, emulated implementation, operands) where operands(args, kwargs) gives the
+# tensors that must qualify, or None when the call uses a form that is not routed (out=, ...).
+def _two(args, kwargs):
+    return args if len(args) == 2 and not kwargs else None
+
+
+def _three_scaled(args, kwargs):
+    return args if len(args) == 3 and (not kwargs or _scalar_kwargs(kwargs)) else None
+
+
+def _linear_operands(args, kwargs):
+    if len(args) == 3 and not kwargs or len(args) == 2 and kwargs.keys() <= {"bias"}:
+        bias = args[2] if len(args) == 3 else kwargs.get("bias")
+        return args[:2] if bias is None else (args[0], args[1], bias)
+    return None
+
+
 _ROUTES = {}
-
-
-def _route(funcs, name, impl, operands, matrix_positions):
-    for f in funcs:
-        _ROUTES[f] = (name, impl, operands, matrix_positions)
-
-
-_route([torch.mm, torch.Tensor.mm], "mm", ops.mm, 2, (0, 1))
-_route([torch.bmm, torch.Tensor.bmm], "bmm", ops.bmm, 2, (0, 1))
-_route([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__], "matmul", ops.matmul, 2, (0, 1))
-_route([torch.addmm, torch.Tensor.addmm], "addmm", _addmm, 3, (0, 1, 2))
-_route([torch.baddbmm, torch.Tensor.baddbmm], "baddbmm", _baddbmm, 3, (0, 1, 2))
-_route([F.linear], "linear", ops.linear, 3, (0, 1))
+for _funcs, _route in (
+        ((torch.mm, torch.Tensor.mm), ("mm", ops.mm, _two)),
+        ((torch.bmm, torch.Tensor.bmm), ("bmm", ops.bmm, _two)),
+        ((torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__), ("matmul", ops.matmul, _two)),
+        ((torch.addmm, torch.Tensor.addmm), ("addmm", _addmm, _three_scaled)),
+        ((torch.baddbmm, torch.Tensor.baddbmm), ("baddbmm", _baddbmm, _three_scaled)),
+        ((F.linear,), ("linear", ops.linear, _linear_operands))):
+    for _f in _funcs:
+        _ROUTES[_f] = _route
 
 
 class _EmulationMode(TorchFunctionMode):
@@ -89,20 +100,19 @@ class _EmulationMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.__rmatmul__:
-            func, args = torch.Tensor.__matmul__, (args[1], args[0])
         route = _ROUTES.get(func)
-        if route is not None and _settings():
-            name, impl, operands, matrix_positions = route
-            allowed = {"beta", "alpha"} if name in ("addmm", "baddbmm") else {"bias"}
-            if len(args) <= operands and set(kwargs) <= allowed:
-                tensors = [args[i] if i < len(args) else None for i in matrix_positions]
-                bias = kwargs.get("bias", args[2] if name == "linear" and len(args) > 2 else None)
-                extra = [bias] if bias is not None else []
-                if _routed(_settings()[-1], *tensors, *extra) and \
-                        all(not isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "bias"):
-                    self.calls[name] += 1
-                    return impl(*args, **kwargs)
+        if route is None:
+            if func is not torch.Tensor.__rmatmul__:
+                return func(*args, **kwargs)
+            func, args, route = torch.Tensor.__matmul__, (args[1], args[0]), _ROUTES[torch.Tensor.__matmul__]
+        name, impl, operands = route
+        stack = _settings()
+        if stack and stack[-1][0]:
+            tensors = operands(args, kwargs)
+            cpu = stack[-1][1]
+            if tensors is not None and all(_emulated(t, cpu) for t in tensors):
+                self.calls[name] += 1
+                return impl(*args, **kwargs)
         return func(*args, **kwargs)
 
 

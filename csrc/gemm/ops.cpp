@@ -1,12 +1,13 @@
 // Every torch_hpc op schema (one TORCH_LIBRARY), and the composite ops (matmul, linear) built on mm/bmm.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "ops.h"
 
 namespace torch_hpc {
-namespace {
 
 at::Tensor call_mm(const at::Tensor& a, const at::Tensor& b) {
   static auto op = c10::Dispatcher::singleton()
@@ -22,12 +23,17 @@ at::Tensor call_bmm(const at::Tensor& a, const at::Tensor& b) {
   return op.call(a, b);
 }
 
-bool emulated_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat; }
+namespace {
+
+// float32 and not under autocast (which picks the precision itself): emulate; else the torch op.
+bool emulated(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && !at::autocast::is_autocast_enabled(t.device().type());
+}
 
 // torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.
 // Sizes are SymInts so that the composite traces under dynamic shapes.
 at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
-  if (!emulated_dtype(a) || !emulated_dtype(b)) return at::matmul(a, b);
+  if (!emulated(a) || !emulated(b)) return at::matmul(a, b);
   TORCH_CHECK_VALUE(a.dim() >= 1 && b.dim() >= 1,
                     "torch_hpc.matmul: both arguments must be at least 1-D, got 'a' of shape ",
                     a.sym_sizes(), " and 'b' of shape ", b.sym_sizes());
@@ -67,7 +73,7 @@ at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (!emulated_dtype(input) || !emulated_dtype(weight) || (has_bias && !emulated_dtype(*bias)))
+  if (!emulated(input) || !emulated(weight) || (has_bias && !emulated(*bias)))
     return at::linear(input, weight, bias);
   TORCH_CHECK_VALUE(weight.dim() == 2,
                     "torch_hpc.linear: expected argument 'weight' to be 2-D (out_features, "

@@ -58,15 +58,36 @@ cuda::GemmKernel gemm_kernel_for(const at::Tensor& x) {
   return sm90 ? cuda::GemmKernel::sm90 : cuda::GemmKernel::sm80;
 }
 
-// Below a few 128x128 output tiles per SM the emulation loses to cuBLAS SGEMM (measured on an
-// H100: the mma.sync kernel at 2048^3 = 256 tiles ran at 0.69x SGEMM, M = 64 at 0.14x; the wgmma
-// kernel needs about one tile per SM). There cuBLAS SGEMM with TF32 off computes the product
-// (fp32 accuracy, fp32 inf/NaN semantics), unless torch_hpc.backends.gemm.sgemm_fallback is off.
-bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n) {
+// Whether cuBLAS SGEMM (TF32 off: fp32 accuracy, fp32 inf/NaN semantics) should compute the
+// product instead of the emulation, unless torch_hpc.backends.gemm.sgemm_fallback is off.
+// mma.sync kernel: below two 128x128 output tiles per SM (measured on an H100: 2048^3 = 256
+// tiles ran at 0.69x SGEMM, M = 64 at 0.14x). wgmma kernel: a time model of the emulation
+// (split traffic, then waves of output tiles that cost a fixed part plus one part per 64-deep
+// k-step) against SGEMM at its best per-SM rate, with the constants measured on an H200
+// (docs/gemm.md); the emulation is kept only where it is predicted clearly faster.
+struct Sm90Model {
+  static constexpr double kLaunchSeconds = 8e-6;       // split x2 + GEMM + exact-path launches
+  static constexpr double kTileSeconds = 3e-6;         // per output tile and wave, fixed
+  static constexpr double kKStepSeconds = 1.44e-6;     // per output tile and 64-deep k-step
+  static constexpr double kSplitBytesPerSecond = 3e12; // split: fp32 read, two fp16 planes written
+  static constexpr double kSgemmFlopsPerSm = 386e9;    // cuBLAS SGEMM's best (51 TF/s / 132 SMs)
+  static constexpr double kMargin = 0.9;               // emulate when predicted <= 0.9x SGEMM
+};
+
+bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n, int64_t k) {
   if (!sgemm_fallback()) return false;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = batch * ((m + kTileRows - 1) / kTileRows) * ((n + kTileRows - 1) / kTileRows);
-  return tiles < (kernel == cuda::GemmKernel::sm90 ? 1 : 2) * sms;
+  if (kernel == cuda::GemmKernel::sm80) return tiles < 2 * sms;
+  using M = Sm90Model;
+  const double waves = double((tiles + sms - 1) / sms);
+  const double k_steps = double((k + kTileK - 1) / kTileK);
+  const double split_bytes = 8.0 * double(batch) * double(m + n) * double(k);
+  const double emulated = M::kLaunchSeconds + waves * (M::kTileSeconds + k_steps * M::kKStepSeconds) +
+                          split_bytes / M::kSplitBytesPerSecond;
+  const double sgemm = 2.0 * double(batch) * double(m) * double(n) * double(k) /
+                       (double(sms) * M::kSgemmFlopsPerSm);
+  return emulated > M::kMargin * sgemm;
 }
 
 at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b) {
@@ -93,7 +114,7 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   const cuda::GemmKernel kernel = gemm_kernel_for(a);
-  if (k > 0 && batch * m * n > 0 && prefer_sgemm(kernel, batch, m, n))
+  if (k > 0 && batch * m * n > 0 && prefer_sgemm(kernel, batch, m, n, k))
     return sgemm_without_tf32(a, b);
   at::Tensor c = at::empty({batch, m, n}, a.options());
   if (c.numel() == 0) return c;

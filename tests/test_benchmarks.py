@@ -1,0 +1,64 @@
+"""The GEMM benchmarks end to end at small sizes (numbers come from real runs of them, not here):
+they run, report every case, and write their JSON and PNG."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gemm  # noqa: E402
+import models  # noqa: E402
+import overhead  # noqa: E402
+
+
+def test_overhead_benchmark_reports_every_case(tmp_path):
+    rows = overhead.main(["--device", "cpu", "--sizes", "8", "--calls", "5", "--rounds", "2",
+                          "--out", str(tmp_path)])
+    cases = {"mm", "bmm", "matmul", "linear", "mode a @ b", "nn.Linear"}
+    assert {(r["case"], r["pass"]) for r in rows} == {(c, p) for c in cases for p in ("fwd", "fwd+bwd")}
+    assert all(r["torch_us"] > 0 and r["torch_hpc_us"] > 0 for r in rows)
+    assert (tmp_path / "overhead-cpu.png").exists()
+    assert len(json.loads((tmp_path / "overhead-cpu.json").read_text())["rows"]) == len(rows)
+
+
+def test_gemm_grid_covers_the_shape_families():
+    points = gemm.grid_points()
+    groups = {p["group"] for p in points}
+    assert groups == {"square", "skinny", "small K", "attention", "broadcast", "linear"}
+    squares = [p["m"] for p in points if p["group"] == "square"]
+    assert min(squares) == 128 and max(squares) == 16384
+    for p in points:  # shapes are consistent products
+        torch.empty(p["a"], device="meta") @ torch.empty(p["b"], device="meta")
+
+
+def test_gemm_benchmark_batched_and_2d_points(tmp_path):
+    rows = gemm.main(["--device", "cpu", "--sizes", "24", "--shapes", "1x40x16", "--reps", "2",
+                      "--methods", "fp32", "torch_hpc", "torch_hpc_emulated", "--out", str(tmp_path)])
+    assert [r["label"] for r in rows] == ["24x24x24", "1x40x16"]
+    batched = gemm.bench_point(gemm.point((3, 1, 8, 16), (2, 16, 8)), "cpu", ["fp32", "torch_hpc"],
+                               {}, reps=2, warmup=1, l2_bytes=2**20, seed=0)
+    assert batched["batch"] == 6
+    for row in rows + [batched]:
+        assert row["torch_hpc"]["error"] <= 2 * row["fp32"]["error"] + 1e-7
+    assert (tmp_path / "gemm-cpu.json").exists() and (tmp_path / "gemm-cpu.png").exists()
+
+
+def test_models_benchmark_mlp_on_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    results = models.main(["--models", "mlp", "--steps", "4", "--seeds", "2", "--warmup", "1",
+                           "--device", "cpu", "--out", str(tmp_path)])
+    r = results["mlp"]
+    assert len(r["curves"]["fp32"]) == len(r["curves"]["emulated"]) == 2
+    assert r["steps_outside_fp32_spread"] == 0
+    assert (tmp_path / "models-cpu.png").exists()
+
+
+def test_lorenz96_trajectories_are_chaotic_not_constant():
+    traj = models.lorenz96(batch=2, steps=300, seed=0)
+    assert traj.shape == (2, 300, models.LORENZ_VARS)
+    assert torch.isfinite(traj).all() and traj.std() > 0.5
+    assert not torch.allclose(traj[0], traj[1])  # different initial perturbations diverge
