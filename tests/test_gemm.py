@@ -296,6 +296,8 @@ def test_bad_arguments_raise_clear_errors(device):
         torch_hpc.linear(f, torch.randn(3, 6, device=device))
     with pytest.raises(ValueError, match="argument 'bias'"):
         torch_hpc.linear(f, torch.randn(3, 5, device=device), torch.randn(4, device=device))
+    with pytest.raises(ValueError, match="mm_bias: expected argument 'bias' to be a 1-D torch.float32"):
+        torch.ops.torch_hpc.mm_bias(f, g, torch.randn(3, device=device, dtype=torch.float64))
     if device == "cuda":
         with pytest.raises(ValueError, match="same device"):
             torch_hpc.mm(f, g.cpu())
@@ -347,6 +349,15 @@ def test_small_grids_fall_back_to_sgemm_without_tf32():
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert torch.equal(c, sgemm) and tf32_left_on  # cuBLAS SGEMM, TF32 off for it and restored
     assert not torch.equal(emulated, sgemm)        # the emulation kernel
+    # F.linear's bias is fused into the same cuBLAS call, TF32 off for it too
+    bias = torch.randn(512, device="cuda", generator=g)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=True):
+            out = torch_hpc.linear(a, b.t(), bias)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    torch.testing.assert_close(out, torch.nn.functional.linear(a, b.t(), bias), rtol=0, atol=0)
 
 
 @requires_cuda

@@ -14,7 +14,8 @@ class Linear(torch.nn.Linear):
     the fp32 weight's memory in all. They are made again only when the weight changes (its data
     pointer or version counter moves: optimizer steps, in-place copies), so repeated forwards
     (inference, gradient accumulation) skip the weight's split. Under torch.compile, during CUDA
-    graph capture and under autocast the cache is bypassed. Set `cache_weight_splits = False` on
+    graph capture, under autocast, and for products small enough to run on cuBLAS SGEMM (see
+    torch_hpc.backends.gemm.sgemm_fallback) the cache is bypassed. Set `cache_weight_splits = False` on
     a module (or the class) to turn it off; `clear_weight_split_cache()` frees it.
     """
 
@@ -36,7 +37,8 @@ class Linear(torch.nn.Linear):
                 and input.numel() > 0
                 and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing()
-                and not torch.is_autocast_enabled("cuda"))
+                and not torch.is_autocast_enabled("cuda")
+                and _ops.emulates.default(w, 1, input.numel() // w.shape[1], w.shape[0], w.shape[1]))
 
     def _weight_split(self, which: str):
         """Planes of the weight's rows ("rows", forward: B = W^T) or columns ("cols", backward:

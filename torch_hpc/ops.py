@@ -73,6 +73,16 @@ def _bmm_fake(a, b):
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
 
 
+@torch.library.register_fake("torch_hpc::mm_bias")
+def _mm_bias_fake(a, b, bias):
+    _check_matmul_args(a, b, 2, "mm_bias")
+    if bias.dtype != torch.float32 or bias.dim() != 1 or bias.shape[0] != b.shape[1] or bias.device != b.device:
+        raise ValueError(f"torch_hpc.mm_bias: expected argument 'bias' to be a 1-D torch.float32 tensor "
+                         f"of {b.shape[1]} elements on {b.device}, got {bias.dtype} of shape "
+                         f"{list(bias.shape)} on {bias.device}")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
 @torch.library.register_fake("torch_hpc::split")
 def _split_fake(x):
     if x.dtype != torch.float32 or x.dim() != 2:

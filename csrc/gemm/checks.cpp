@@ -27,6 +27,14 @@ void check_matmul_args(const at::Tensor& a, const at::Tensor& b, int64_t dims, c
   }
 }
 
+void check_bias_arg(const at::Tensor& bias, const at::Tensor& b, const char* op) {
+  TORCH_CHECK_VALUE(bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
+                        bias.size(0) == b.size(1) && bias.device() == b.device(),
+                    "torch_hpc.", op, ": expected argument 'bias' to be a 1-D torch.float32 "
+                    "tensor of ", b.size(1), " elements on ", b.device(), ", got ",
+                    bias.scalar_type(), " of shape ", bias.sizes(), " on ", bias.device());
+}
+
 void check_split_arg(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat,
                     "torch_hpc.split: expected argument 'x' to have dtype torch.float32, got ",

@@ -10,6 +10,9 @@ namespace gemm {
 // ValueError naming the argument on bad input.
 void check_matmul_args(const at::Tensor& a, const at::Tensor& b, int64_t dims, const char* op);
 
+// Checks the bias of torch_hpc::mm_bias: float32, 1-D of b.size(1) elements, on b's device.
+void check_bias_arg(const at::Tensor& bias, const at::Tensor& b, const char* op);
+
 // Checks the argument of torch_hpc::split (2-D float32).
 void check_split_arg(const at::Tensor& x);
 

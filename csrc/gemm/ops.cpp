@@ -23,6 +23,13 @@ at::Tensor call_bmm(const at::Tensor& a, const at::Tensor& b) {
   return op.call(a, b);
 }
 
+at::Tensor call_mm_bias(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::mm_bias", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b, bias);
+}
+
 namespace {
 
 // float32 and not under autocast (which picks the precision itself): emulate; else the torch op.
@@ -89,7 +96,10 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
   }
   std::vector<c10::SymInt> shape(input.sym_sizes().begin(), input.sym_sizes().end() - 1);
   shape.push_back(weight.sym_size(0));
-  at::Tensor out = call_mm(input.reshape_symint({-1, input.sym_size(-1)}), weight.t()).view_symint(shape);
+  const at::Tensor input2 = input.reshape_symint({-1, input.sym_size(-1)});
+  if (has_bias && bias->dim() == 1)  // bias fused into the product (one cuBLAS call where SGEMM runs)
+    return call_mm_bias(input2, weight.t(), *bias).view_symint(shape);
+  at::Tensor out = call_mm(input2, weight.t()).view_symint(shape);
   return has_bias ? out + *bias : out;
 }
 
@@ -100,6 +110,9 @@ TORCH_LIBRARY(torch_hpc, m) {
   m.def("split(Tensor x) -> (Tensor hi, Tensor lo, Tensor exponent, Tensor fallback)");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("bmm(Tensor a, Tensor b) -> Tensor");
+  m.def("mm_bias(Tensor a, Tensor b, Tensor bias) -> Tensor");  // a @ b + bias, for linear
+  // Whether a product of this size on `like`'s device runs the emulation (not the SGEMM fallback).
+  m.def("emulates(Tensor like, int batch, int m, int n, int k) -> bool");
   m.def("matmul(Tensor a, Tensor b) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
   // CUDA only, for torch_hpc.nn.Linear's weight-split cache (see torch_hpc/nn.py)

@@ -8,5 +8,6 @@ namespace torch_hpc {
 
 at::Tensor call_mm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor call_bmm(const at::Tensor& a, const at::Tensor& b);
+at::Tensor call_mm_bias(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
 }  // namespace torch_hpc

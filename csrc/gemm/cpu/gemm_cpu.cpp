@@ -149,6 +149,14 @@ at::Tensor bmm_cpu(const at::Tensor& a, const at::Tensor& b) {
   return bmm_cpu_impl(a, b);
 }
 
+at::Tensor mm_bias_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  check_matmul_args(a, b, 2, "mm_bias");
+  check_bias_arg(bias, b, "mm_bias");
+  return bmm_cpu_impl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0).add_(bias);
+}
+
+bool emulates_cpu(const at::Tensor&, int64_t, int64_t, int64_t, int64_t) { return true; }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cpu_op(const at::Tensor& x) {
   check_split_arg(x);
   const Planes p = split_cpu(x.data_ptr<float>(), 1, x.size(0), x.size(1), 0, x.stride(0),
@@ -161,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cpu_op(const at
 TORCH_LIBRARY_IMPL(torch_hpc, CPU, m) {
   m.impl("mm", &mm_cpu);
   m.impl("bmm", &bmm_cpu);
+  m.impl("mm_bias", &mm_bias_cpu);
+  m.impl("emulates", &emulates_cpu);
   m.impl("split", &split_cpu_op);
 }
 

@@ -10,17 +10,6 @@ namespace torch_hpc {
 namespace gemm {
 namespace cuda {
 
-cudaError_t gemm_kernel_available(int device, GemmKernel kernel, bool* available) {
-  *available = true;
-  if (kernel == GemmKernel::sm80) return cudaSuccess;
-  int major = 0, minor = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  *available = err == cudaSuccess && major == 9 && minor == 0 && sm90_kernel_built();
-  return err;
-}
-
 cudaError_t raise_smem_limit(const void* kernel, size_t bytes) {
   static std::mutex mutex;
   static std::set<std::pair<const void*, int>> raised;  // the attribute is per device context

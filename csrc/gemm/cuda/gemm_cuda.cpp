@@ -49,8 +49,8 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
 cuda::GemmKernel gemm_kernel_for(const at::Tensor& x) {
   const KernelChoice choice = kernel_choice();
   if (choice == KernelChoice::kSm80) return cuda::GemmKernel::sm80;
-  bool sm90 = false;
-  C10_CUDA_CHECK(cuda::gemm_kernel_available(x.get_device(), cuda::GemmKernel::sm90, &sm90));
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.get_device());  // cached by torch
+  const bool sm90 = props->major == 9 && props->minor == 0 && cuda::sm90_kernel_built();
   TORCH_CHECK(sm90 || choice == KernelChoice::kAuto,
               "torch_hpc.backends.gemm.kernel is 'sm90', but the wgmma kernel cannot run on ",
               x.device(), " (it needs compute capability 9.0 and a build with sm_90a in "
@@ -64,19 +64,21 @@ cuda::GemmKernel gemm_kernel_for(const at::Tensor& x) {
 // tiles ran at 0.69x SGEMM, M = 64 at 0.14x). wgmma kernel: a time model of the emulation
 // (split traffic, then waves of output tiles that cost a fixed part plus one part per 64-deep
 // k-step) against SGEMM at its best per-SM rate, with the constants measured on an H200
-// (docs/gemm.md); the emulation is kept only where it is predicted clearly faster.
+// (least squares over the 69 shapes of `benchmarks/gemm.py --grid`, 2026-12-01, docs/gemm.md);
+// the emulation is kept only where it is predicted clearly faster.
 struct Sm90Model {
-  static constexpr double kLaunchSeconds = 8e-6;       // split x2 + GEMM + exact-path launches
-  static constexpr double kTileSeconds = 3e-6;         // per output tile and wave, fixed
-  static constexpr double kKStepSeconds = 1.44e-6;     // per output tile and 64-deep k-step
-  static constexpr double kSplitBytesPerSecond = 3e12; // split: fp32 read, two fp16 planes written
+  static constexpr double kLaunchSeconds = 46e-6;        // split x2, GEMM, exact path: per call
+  static constexpr double kTileSeconds = 18.7e-6;        // per wave of output tiles, fixed
+  static constexpr double kKStepSeconds = 1.04e-6;       // per wave and 64-deep k-step
+  static constexpr double kSplitBytesPerSecond = 1.67e12; // split: fp32 read, fp16 planes written
   static constexpr double kSgemmFlopsPerSm = 386e9;    // cuBLAS SGEMM's best (51 TF/s / 132 SMs)
   static constexpr double kMargin = 0.9;               // emulate when predicted <= 0.9x SGEMM
 };
 
-bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n, int64_t k) {
-  if (!sgemm_fallback()) return false;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+bool prefer_sgemm(const at::Tensor& a, int64_t batch, int64_t m, int64_t n, int64_t k) {
+  if (!sgemm_fallback() || k == 0 || batch * m * n == 0) return false;
+  const cuda::GemmKernel kernel = gemm_kernel_for(a);
+  const int64_t sms = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
   const int64_t tiles = batch * ((m + kTileRows - 1) / kTileRows) * ((n + kTileRows - 1) / kTileRows);
   if (kernel == cuda::GemmKernel::sm80) return tiles < 2 * sms;
   using M = Sm90Model;
@@ -90,22 +92,29 @@ bool prefer_sgemm(cuda::GemmKernel kernel, int64_t batch, int64_t m, int64_t n, 
   return emulated > M::kMargin * sgemm;
 }
 
-at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b) {
+// cuBLAS SGEMM with TF32 off for it, whatever torch.backends.cuda.matmul.allow_tf32 says:
+// a @ b (2-D or 3-D), plus bias (1-D, broadcast over rows) when defined.
+at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  const auto product = [&] {
+    if (bias.defined()) return at::addmm(bias, a, b);
+    // One matrix: cuBLAS's plain GEMM (measured: the strided-batched call picks a kernel at
+    // half the speed for M = 64, N = K = 8192).
+    if (a.dim() == 3 && a.size(0) == 1) return at::mm(a[0], b[0]).unsqueeze(0);
+    return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+  };
+  auto& context = at::globalContext();
+  if (!context.allowTF32CuBLAS()) return product();  // PyTorch's default: nothing to switch
   static std::mutex mutex;  // the TF32 switch is process-wide
   std::lock_guard<std::mutex> lock(mutex);
-  auto& context = at::globalContext();
-  const bool allowed = context.allowTF32CuBLAS();
   context.setAllowTF32CuBLAS(false);
   at::Tensor c;
   try {
-    // One matrix: cuBLAS's plain GEMM (measured: the strided-batched call picks a kernel at
-    // half the speed for M = 64, N = K = 8192).
-    c = a.size(0) == 1 ? at::mm(a[0], b[0]).unsqueeze(0) : at::bmm(a, b);
+    c = product();
   } catch (...) {
-    context.setAllowTF32CuBLAS(allowed);
+    context.setAllowTF32CuBLAS(true);
     throw;
   }
-  context.setAllowTF32CuBLAS(allowed);
+  context.setAllowTF32CuBLAS(true);
   return c;
 }
 
@@ -114,8 +123,6 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   const cuda::GemmKernel kernel = gemm_kernel_for(a);
-  if (k > 0 && batch * m * n > 0 && prefer_sgemm(kernel, batch, m, n, k))
-    return sgemm_without_tf32(a, b);
   at::Tensor c = at::empty({batch, m, n}, a.options());
   if (c.numel() == 0) return c;
   if (k == 0) return c.zero_();
@@ -164,12 +171,27 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
 
 at::Tensor mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_matmul_args(a, b, 2, "mm");
+  if (prefer_sgemm(a, 1, a.size(0), b.size(1), a.size(1))) return sgemm_without_tf32(a, b);
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0);
 }
 
 at::Tensor bmm_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_matmul_args(a, b, 3, "bmm");
+  if (prefer_sgemm(a, a.size(0), a.size(1), b.size(2), a.size(2))) return sgemm_without_tf32(a, b);
   return bmm_cuda_impl(a, b);
+}
+
+bool emulates_cuda(const at::Tensor& like, int64_t batch, int64_t m, int64_t n, int64_t k) {
+  return !prefer_sgemm(like, batch, m, n, k);
+}
+
+// a @ b + bias (torch_hpc::mm_bias, the product of F.linear with a bias): one cuBLAS call with
+// the bias fused where SGEMM computes it, else the emulated product and an in-place add.
+at::Tensor mm_bias_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  check_matmul_args(a, b, 2, "mm_bias");
+  check_bias_arg(bias, b, "mm_bias");
+  if (prefer_sgemm(a, 1, a.size(0), b.size(1), a.size(1))) return sgemm_without_tf32(a, b, bias);
+  return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0).add_(bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_cuda_op(const at::Tensor& x) {
@@ -222,6 +244,7 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   expect(b_lo, "b_lo", at::kHalf, {1, rows_pad, k_pad});
   expect(b_exponent, "b_exponent", at::kInt, {1, rows_pad});
   expect(b_fallback, "b_fallback", at::kInt, {1, rows_pad});
+  if (prefer_sgemm(a, 1, a.size(0), n, k)) return sgemm_without_tf32(a, b);
   const Planes planes{b_hi, b_lo, b_exponent, b_fallback, rows_pad, k_pad};
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
 }
@@ -231,6 +254,8 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
 TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
   m.impl("mm", &mm_cuda);
   m.impl("bmm", &bmm_cuda);
+  m.impl("mm_bias", &mm_bias_cuda);
+  m.impl("emulates", &emulates_cuda);
   m.impl("split", &split_cuda_op);
   m.impl("split_planes", &split_planes_cuda);
   m.impl("mm_planes", &mm_planes_cuda);

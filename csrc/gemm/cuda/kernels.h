@@ -49,9 +49,7 @@ struct GemmParams {
 // only when the build included sm_90a).
 enum class GemmKernel { sm80, sm90 };
 
-// dispatch.cu: whether `kernel` can run on `device`, and the product on `kernel` followed by the
-// exact path for fallback rows/columns.
-cudaError_t gemm_kernel_available(int device, GemmKernel kernel, bool* available);
+// dispatch.cu: the product on `kernel` followed by the exact path for fallback rows/columns.
 cudaError_t launch_gemm(const GemmParams& p, GemmKernel kernel, cudaStream_t stream);
 // Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current device, once per
 // device (thread-safe).
