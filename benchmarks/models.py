@@ -167,7 +167,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["transformer-4096", "transformer-1024", "mlp"],
                    choices=["transformer-4096", "transformer-1024", "mlp"])
-    p.add_argument("--steps", type=int, default=None, help="steps per run (transformers 8, mlp 100)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (transformers 8, mlp 400)")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +183,7 @@ def main(argv=None):
     results = {}
     for name in args.models:
         cfg = model_config(name)
-        steps = args.steps or (100 if name == "mlp" else 8)
+        steps = args.steps or (400 if name == "mlp" else 8)
         warmup = min(args.warmup, steps - 1)
         curves, times = {"fp32": [], "emulated": []}, {"fp32": [], "emulated": []}
         for seed in range(args.seeds):

@@ -33,13 +33,17 @@ def _settings():
     return stack
 
 
-def _emulated(t, cpu: bool) -> bool:
-    """Whether operand t is a float32 tensor on a routed device, autocast off there."""
-    if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32:
-        return False
-    if t.is_cuda:
-        return not torch.is_autocast_enabled("cuda")
-    return cpu and t.is_cpu and not torch.is_autocast_enabled("cpu")
+def _emulated(tensors, cpu: bool) -> bool:
+    """Whether every operand is a float32 tensor on a routed device, autocast off there."""
+    cuda = False
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32:
+            return False
+        if t.is_cuda:
+            cuda = True
+        elif not (cpu and t.is_cpu):
+            return False
+    return not torch.is_autocast_enabled("cuda" if cuda else "cpu")
 
 
 def _addmm(input, m1, m2, *, beta=1, alpha=1):
@@ -109,8 +113,7 @@ class _EmulationMode(TorchFunctionMode):
         stack = _settings()
         if stack and stack[-1][0]:
             tensors = operands(args, kwargs)
-            cpu = stack[-1][1]
-            if tensors is not None and all(_emulated(t, cpu) for t in tensors):
+            if tensors is not None and _emulated(tensors, stack[-1][1]):
                 self.calls[name] += 1
                 return impl(*args, **kwargs)
         return func(*args, **kwargs)
