@@ -94,13 +94,20 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
                       "torch_hpc.linear: expected argument 'bias' of shape (", weight.sym_size(0),
                       ",), got shape ", bias->sym_sizes());
   }
+  // 2-D input: no reshape/view (each would add an autograd node, as F.linear avoids too)
+  const bool flat = input.dim() == 2;
+  const at::Tensor input2 = flat ? input : input.reshape_symint({-1, input.sym_size(-1)});
+  at::Tensor out;
+  if (has_bias && bias->dim() == 1) {  // bias fused into the product (one cuBLAS call where SGEMM runs)
+    out = call_mm_bias(input2, weight.t(), *bias);
+  } else {
+    out = call_mm(input2, weight.t());
+    if (has_bias) out = out + *bias;
+  }
+  if (flat) return out;
   std::vector<c10::SymInt> shape(input.sym_sizes().begin(), input.sym_sizes().end() - 1);
   shape.push_back(weight.sym_size(0));
-  const at::Tensor input2 = input.reshape_symint({-1, input.sym_size(-1)});
-  if (has_bias && bias->dim() == 1)  // bias fused into the product (one cuBLAS call where SGEMM runs)
-    return call_mm_bias(input2, weight.t(), *bias).view_symint(shape);
-  at::Tensor out = call_mm(input2, weight.t()).view_symint(shape);
-  return has_bias ? out + *bias : out;
+  return out.view_symint(shape);
 }
 
 }  // namespace
