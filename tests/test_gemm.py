@@ -318,6 +318,13 @@ def test_autocast_goes_to_the_ordinary_op():
     x, w = torch.randn(6, 8), torch.randn(3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch_hpc.linear(x, w).dtype == torch.bfloat16
+        assert torch_hpc.matmul(x, w.t()).dtype == torch.bfloat16
+
+
+def test_meta_tensors_give_shapes():
+    a, w = torch.empty(2, 3, 4, device="meta"), torch.empty(5, 4, device="meta")
+    assert torch_hpc.matmul(a, w.t()).shape == (2, 3, 5)
+    assert torch_hpc.linear(a, w, torch.empty(5, device="meta")).shape == (2, 3, 5)
 
 
 def test_accuracy_does_not_depend_on_magnitude_cpu():

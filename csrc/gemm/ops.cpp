@@ -34,7 +34,9 @@ namespace {
 
 // float32 and not under autocast (which picks the precision itself): emulate; else the torch op.
 bool emulated(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && !at::autocast::is_autocast_enabled(t.device().type());
+  const c10::DeviceType device = t.device().type();
+  return t.scalar_type() == at::kFloat &&
+         !(at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device));
 }
 
 // torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.

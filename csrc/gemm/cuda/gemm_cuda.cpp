@@ -71,8 +71,8 @@ struct Sm90Model {
   static constexpr double kTileSeconds = 18.7e-6;        // per wave of output tiles, fixed
   static constexpr double kKStepSeconds = 1.04e-6;       // per wave and 64-deep k-step
   static constexpr double kSplitBytesPerSecond = 1.67e12; // split: fp32 read, fp16 planes written
-  static constexpr double kSgemmFlopsPerSm = 386e9;    // cuBLAS SGEMM's best (51 TF/s / 132 SMs)
-  static constexpr double kMargin = 0.9;               // emulate when predicted <= 0.9x SGEMM
+  static constexpr double kSgemmFlopsPerSm = 386e9;      // cuBLAS SGEMM's best (51 TF/s / 132 SMs)
+  static constexpr double kMargin = 0.9;                 // emulate when predicted <= 0.9x SGEMM
 };
 
 bool prefer_sgemm(const at::Tensor& a, int64_t batch, int64_t m, int64_t n, int64_t k) {
