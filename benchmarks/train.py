@@ -1,7 +1,9 @@
-"""Time to accuracy and throughput of DistributedOptimizer: sync vs async vs async staleness=2,
-with and without a straggler, on sklearn's digits (examples/train_digits.py under mpiexec).
+"""Time to accuracy and throughput of DistributedOptimizer (sync, async, async staleness=2)
+against DDP (on hpc_mpi and on gloo), with and without a straggler, at several rank counts, on
+sklearn's digits (examples/train_digits.py under mpiexec).
 
-    python benchmarks/train.py                       # 4 ranks, 3 runs per configuration
+    python benchmarks/train.py                       # 2 and 4 ranks, 3 runs per configuration
+    python benchmarks/train.py --ranks 2 4 8 16      # a 16-core node
     python benchmarks/train.py --model cnn --width 512 --steps 600   # heavier model
 
 The straggler (rank 1) sleeps as long as its own measured step time after every step (2x
@@ -23,7 +25,11 @@ from torch_hpc.distributed.launcher import mpiexec_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "examples", "train_digits.py")
-CONFIGS = [("sync", None), ("async", None), ("async", 2)]
+# (name, --mode, --backend, --staleness); the DDP-on-hpc_mpi row is the baseline of the ratios
+CONFIGS = [("DDP hpc_mpi", "ddp", "hpc_mpi", None), ("DDP gloo", "ddp", "gloo", None),
+           ("sync", "sync", "hpc_mpi", None), ("async", "async", "hpc_mpi", None),
+           ("async s=2", "async", "hpc_mpi", 2)]
+BASELINE = "DDP hpc_mpi"
 
 
 def mpiexec(n):
@@ -32,9 +38,9 @@ def mpiexec(n):
     return cmd, version.splitlines()[0] if version else "?"
 
 
-def run(args, mode, staleness, straggler, seed, report_path):
-    cmd, _ = mpiexec(args.ranks)
-    cmd += [EXAMPLE, "--quiet", "--mode", mode, "--model", args.model,
+def run(args, ranks, mode, backend, staleness, straggler, seed, report_path):
+    cmd, _ = mpiexec(ranks)
+    cmd += [EXAMPLE, "--quiet", "--mode", mode, "--backend", backend, "--model", args.model,
             "--width", str(args.width), "--steps", str(args.steps), "--eval-every",
             str(args.eval_every), "--seed", str(seed), "--device", args.device,
             "--report", report_path, "--target", str(args.target)]
@@ -50,9 +56,27 @@ def run(args, mode, staleness, straggler, seed, report_path):
         return json.load(f)
 
 
+def exchange_cost(runs):
+    """Per step, median over runs of the mean over ranks: bytes sent, ms in the exchange thread,
+    ms step() waited for it (DistributedOptimizer's exchange_stats; empty for DDP)."""
+    per_run = []
+    for r in runs:
+        stats = [x["exchange"] for x in r["ranks"] if x.get("exchange")]
+        if not stats:
+            return {}
+        steps = [max(1, s["exchanges"]) for s in stats]
+        per_run.append({
+            "exchange_bytes_per_step": statistics.mean(s["bytes_sent"] / n for s, n in zip(stats, steps)),
+            "exchange_ms_per_step": None if stats[0]["exchange_seconds"] is None else
+            statistics.mean(1e3 * s["exchange_seconds"] / n for s, n in zip(stats, steps)),
+            "wait_ms_per_step": statistics.mean(1e3 * s["wait_seconds"] / n for s, n in zip(stats, steps))})
+    return {k: None if per_run[0][k] is None else statistics.median(p[k] for p in per_run)
+            for k in per_run[0]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     p.add_argument("--width", type=int, default=256)
@@ -63,84 +87,114 @@ def main():
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS per rank (measured: 4 ranks x 4 threads on 16 cores made "
                         "async 5x slower; intra-op threads spin and starve the exchange thread)")
+    p.add_argument("--configs", nargs="*", default=[c[0] for c in CONFIGS],
+                   choices=[c[0] for c in CONFIGS])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
-    _, mpi_version = mpiexec(args.ranks)
+    _, mpi_version = mpiexec(2)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"# DistributedOptimizer on digits: {args.ranks} ranks, {args.model} width {args.width}, "
+    print(f"# digits: DistributedOptimizer vs DDP, ranks {args.ranks}, {args.model} width {args.width}, "
           f"{args.steps} steps/rank, {args.repeats} runs each, {machine}, {mpi_version}, "
           f"{datetime.date.today()}", flush=True)
     rows, curves = [], {}
+    configs = [c for c in CONFIGS if c[0] in args.configs]
     with tempfile.TemporaryDirectory() as tmp:
-        for straggler in (False, True):
-            for mode, staleness in CONFIGS:
-                name = mode + ("" if staleness is None else f" s={staleness}")
-                runs = []
-                for seed in range(args.repeats):
-                    r = run(args, mode, staleness, straggler, seed, os.path.join(tmp, "r.json"))
-                    runs.append(r)
-                    tta = r["time_to_target"]
-                    print(f"  {name:10s} straggler={straggler!s:5s} seed {seed}: accuracy "
-                          f"{r['final_accuracy']:.4f}, time to {args.target:.0%} "
-                          f"{'%.2f s' % tta if tta else '-'}, {r['train_seconds']:.2f} s", flush=True)
-                reached = [r["time_to_target"] for r in runs if r["time_to_target"] is not None]
-                row = {
-                    "config": name, "straggler": straggler,
-                    "time_to_target_s": statistics.median(reached) if len(reached) == len(runs) else None,
-                    "steps_per_s_per_rank": statistics.median(
-                        statistics.mean(x["steps_per_second"] for x in r["ranks"]) for r in runs),
-                    "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
-                    "train_seconds": statistics.median(r["train_seconds"] for r in runs),
-                    "runs": [{k: r[k] for k in ("final_accuracy", "time_to_target", "train_seconds")}
-                             for r in runs]}
-                rows.append(row)
-                curves[f"{name}{' +straggler' if straggler else ''}"] = runs[0]["curve"]
+        for ranks in args.ranks:
+            for straggler in (False, True):
+                for name, mode, backend, staleness in configs:
+                    runs = []
+                    for seed in range(args.repeats):
+                        r = run(args, ranks, mode, backend, staleness, straggler, seed,
+                                os.path.join(tmp, "r.json"))
+                        runs.append(r)
+                        tta = r["time_to_target"]
+                        print(f"  {ranks:2d} ranks {name:12s} straggler={straggler!s:5s} seed {seed}: "
+                              f"accuracy {r['final_accuracy']:.4f}, time to {args.target:.0%} "
+                              f"{'%.2f s' % tta if tta else '-'}, {r['train_seconds']:.2f} s", flush=True)
+                    reached = [r["time_to_target"] for r in runs if r["time_to_target"] is not None]
+                    cost = exchange_cost(runs)
+                    rows.append({**cost,
+                        "ranks": ranks, "config": name, "straggler": straggler,
+                        "time_to_target_s": statistics.median(reached) if len(reached) == len(runs) else None,
+                        "steps_per_s_per_rank": statistics.median(
+                            statistics.mean(x["steps_per_second"] for x in r["ranks"]) for r in runs),
+                        "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
+                        "train_seconds": statistics.median(r["train_seconds"] for r in runs),
+                        "runs": [{k: r[k] for k in ("final_accuracy", "time_to_target", "train_seconds")}
+                                 for r in runs]})
+                    curves[f"{ranks} ranks {name}{' +straggler' if straggler else ''}"] = runs[0]["curve"]
 
-    def cell(config, straggler, key):
-        return next(r[key] for r in rows if r["config"] == config and r["straggler"] == straggler)
+    def cell(ranks, config, straggler, key):
+        return next((r[key] for r in rows if r["ranks"] == ranks and r["config"] == config
+                     and r["straggler"] == straggler), None)
 
-    print(f"\n{'config':10s} {'straggler':>9s} | {'time to ' + format(args.target, '.0%'):>12s} | "
-          f"{'steps/s/rank':>12s} | {'accuracy':>8s}")
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    print(f"\n{'ranks':>5} {'config':12s} {'straggler':>9s} | {'time to ' + format(args.target, '.0%'):>12s} | "
+          f"{'steps/s/rank':>12s} | {'accuracy':>8s} | {'KiB/step':>8s} | {'exch ms':>7s} | {'wait ms':>7s}")
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in rows:
         tta = f"{r['time_to_target_s']:.2f} s" if r["time_to_target_s"] else "not reached"
-        print(f"{r['config']:10s} {str(r['straggler']):>9s} | {tta:>12s} | "
-              f"{r['steps_per_s_per_rank']:12.1f} | {r['final_accuracy']:8.4f}")
-    sync_tta, async_tta = cell("sync", True, "time_to_target_s"), cell("async", True, "time_to_target_s")
-    summary = {
-        "straggler_async_over_sync_time_to_target":
-            async_tta / sync_tta if sync_tta and async_tta else None,
-        "no_straggler_async_over_sync_throughput":
-            cell("async", False, "steps_per_s_per_rank") / cell("sync", False, "steps_per_s_per_rank"),
-        "no_straggler_accuracy_difference_points":
-            100 * (cell("async", False, "final_accuracy") - cell("sync", False, "final_accuracy")),
-    }
-    print(f"\nsummary: {json.dumps(summary)}")
+        kib = r.get("exchange_bytes_per_step")
+        print(f"{r['ranks']:>5} {r['config']:12s} {str(r['straggler']):>9s} | {tta:>12s} | "
+              f"{r['steps_per_s_per_rank']:12.1f} | {r['final_accuracy']:8.4f} | "
+              f"{fmt(kib and kib / 1024, '8.1f'):>8s} | {fmt(r.get('exchange_ms_per_step'), '7.3f'):>7s} | "
+              f"{fmt(r.get('wait_ms_per_step'), '7.3f'):>7s}")
+    summary = {}
+    for ranks in args.ranks:
+        summary[str(ranks)] = {
+            f"{c} / {BASELINE} steps/s per rank, no straggler":
+                ratio(cell(ranks, c, False, "steps_per_s_per_rank"), cell(ranks, BASELINE, False, "steps_per_s_per_rank"))
+            for c in ("sync", "async", "DDP gloo")}
+        summary[str(ranks)]["async / DDP hpc_mpi time to target, straggler"] = ratio(
+            cell(ranks, "async", True, "time_to_target_s"), cell(ranks, BASELINE, True, "time_to_target_s"))
+        for c in ("sync", "async"):
+            a, b = cell(ranks, c, False, "final_accuracy"), cell(ranks, BASELINE, False, "final_accuracy")
+            summary[str(ranks)][f"{c} - DDP hpc_mpi final accuracy, points"] = \
+                None if a is None or b is None else 100 * (a - b)
+    print(f"\nsummary: {json.dumps(summary, indent=1)}")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"train-{args.model}-{args.ranks}ranks{'-' + args.tag if args.tag else ''}")
+    stem = os.path.join(args.out, f"train-{args.model}-{'-'.join(map(str, args.ranks))}ranks"
+                                  f"{'-' + args.tag if args.tag else ''}")
     meta = {"machine": machine, "mpi": mpi_version, "date": str(datetime.date.today()),
             "command": " ".join(["python"] + sys.argv), **vars(args)}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "summary": summary, "rows": rows, "curves": curves}, f, indent=1)
-    plot(curves, args.target, stem + ".png", f"digits, {args.ranks} ranks, {machine}, {meta['date']}")
+    plot(rows, curves, args, stem + ".png", f"digits, {machine}, {meta['date']}")
     print(f"wrote {stem}.json and {stem}.png")
 
 
-def plot(curves, target, path, title):
+def plot(rows, curves, args, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        pts = [r for r in rows if r["config"] == name and not r["straggler"]]
+        ax1.plot([r["ranks"] for r in pts], [r["steps_per_s_per_rank"] for r in pts], "o-", label=name)
+        pts = [r for r in rows if r["config"] == name and r["straggler"] and r["time_to_target_s"]]
+        ax2.plot([r["ranks"] for r in pts], [r["time_to_target_s"] for r in pts], "o-", label=name)
+    for ax, ylabel in ((ax1, "steps/s per rank (no straggler)"),
+                       (ax2, f"time to {args.target:.0%} (s), one rank 2x slower")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ranks")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    most = max(args.ranks)
     for name, curve in curves.items():
-        ax.plot([c["seconds"] for c in curve], [c["accuracy"] for c in curve], label=name,
-                linestyle="--" if "straggler" in name else "-")
-    ax.axhline(target, color="gray", linewidth=0.8)
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("held-out accuracy (global parameters)")
-    ax.set_ylim(0.5, 1.0)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+        if name.startswith(f"{most} ranks"):
+            ax3.plot([c["seconds"] for c in curve], [c["accuracy"] for c in curve], label=name[len(f"{most} ranks "):],
+                     linestyle="--" if "straggler" in name else "-")
+    ax3.axhline(args.target, color="gray", linewidth=0.8)
+    ax3.set_xlabel("wall time (s)")
+    ax3.set_ylabel(f"held-out accuracy, {most} ranks")
+    ax3.set_ylim(0.5, 1.0)
+    ax3.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

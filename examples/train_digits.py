@@ -1,7 +1,10 @@
 """Data-parallel training on sklearn's bundled digits (8x8 images, 1797 samples, no download)
-with torch_hpc's DistributedOptimizer, synchronous or asynchronous.
+with torch_hpc's DistributedOptimizer, synchronous or asynchronous, or with plain DDP as the
+baseline (`--mode ddp`, on hpc_mpi or `--backend gloo`), or with no exchange at all (`--mode local`:
+every rank trains alone, the throughput ceiling).
 
     mpiexec -n 4 python examples/train_digits.py --mode async --straggler 1:2
+    mpiexec -n 4 python examples/train_digits.py --mode ddp --backend gloo
     torchrun --nproc_per_node=2 examples/train_digits.py --mode sync --emulate-fp32
     mpiexec -n 2 python examples/train_digits.py --steps 200 --checkpoint ck.pt   # then --resume ck.pt
 
@@ -58,7 +61,11 @@ def accuracy(model, x, y) -> float:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["sync", "async"], default="async")
+    p.add_argument("--mode", choices=["sync", "async", "ddp", "local"], default="async",
+                   help="DistributedOptimizer sync/async, torch's DistributedDataParallel, or no "
+                        "exchange (local)")
+    p.add_argument("--backend", choices=["hpc_mpi", "gloo"], default="hpc_mpi",
+                   help="process-group backend (async needs hpc_mpi)")
     p.add_argument("--staleness", type=int, default=None, help="async: bound on steps ahead (default none)")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--width", type=int, default=256)
@@ -84,7 +91,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    launch = torch_hpc.distributed.init("hpc_mpi")
+    if args.mode in ("sync", "async") and args.backend != "hpc_mpi":
+        raise SystemExit("train_digits.py: --mode sync/async run on --backend hpc_mpi")
+    if args.mode in ("ddp", "local") and (args.checkpoint or args.resume):
+        raise SystemExit("train_digits.py: --checkpoint/--resume are DistributedOptimizer checkpoints "
+                         "(--mode sync/async)")
+    launch = torch_hpc.distributed.init(args.backend)
     rank, world = launch.rank, launch.world_size
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,10 +117,15 @@ def main(argv=None):
         eval_model = torch_hpc.emulate_fp32(eval_model)
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4) \
         if args.optimizer == "adamw" else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    opt = DistributedOptimizer(inner, named_parameters=model.named_parameters(), mode=args.mode,
-                               staleness=args.staleness, named_buffers=model.named_buffers())
-    broadcast_parameters(model.state_dict(), root_rank=0)
-    broadcast_optimizer_state(opt, root_rank=0)
+    if args.mode in ("ddp", "local"):  # DDP averages gradients, broadcasts buffers from rank 0
+        net = torch.nn.parallel.DistributedDataParallel(model) if args.mode == "ddp" else model
+        opt = _PlainOptimizer(inner)
+    else:
+        net = model
+        opt = DistributedOptimizer(inner, named_parameters=model.named_parameters(), mode=args.mode,
+                                   staleness=args.staleness, named_buffers=model.named_buffers())
+        broadcast_parameters(model.state_dict(), root_rank=0)
+        broadcast_optimizer_state(opt, root_rank=0)
     start_step = 0
     if args.resume:
         checkpoint = torch.load(args.resume, map_location=device, weights_only=True)
@@ -136,7 +153,7 @@ def main(argv=None):
         if order.numel() < args.batch_size:
             order = torch.randperm(x_shard.shape[0], generator=generator)
         batch, order = order[:args.batch_size].to(device), order[args.batch_size:]
-        loss = F.cross_entropy(model(x_shard[batch]), y_shard[batch])
+        loss = F.cross_entropy(net(x_shard[batch]), y_shard[batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,6 +190,7 @@ def main(argv=None):
     dist.all_gather_object(per_rank, {"rank": rank, "steps_per_second": steps_per_second,
                                       "max_staleness_seen": opt.max_staleness_seen,
                                       "skipped_updates": opt.skipped_updates, "checksum": checksum,
+                                      "exchange": opt.exchange_stats(),
                                       "first_losses": losses[:5], "last_losses": losses[-5:]})
     report = {"mode": args.mode, "staleness": args.staleness, "world_size": world,
               "launcher": launch.launcher, "device": str(device), "model": args.model,
@@ -191,6 +209,25 @@ def main(argv=None):
     opt.close()
     dist.destroy_process_group()
     return report
+
+
+class _PlainOptimizer:
+    """The DistributedOptimizer calls the loop makes, for a plain optimizer (DDP, local)."""
+    max_staleness_seen = skipped_updates = 0
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.zero_grad, self.step = optimizer.zero_grad, optimizer.step
+        self.state_dict, self.load_state_dict = optimizer.state_dict, optimizer.load_state_dict
+
+    def synchronize(self):
+        pass
+
+    def exchange_stats(self):
+        return None
+
+    def close(self):
+        pass
 
 
 def save(opt, step, path, rank):

@@ -119,3 +119,30 @@ def test_checkpoint_resume_continues_the_loss(tmp_path):
     proc, _ = run_script("mpiexec", 2, EXAMPLES / "train_digits.py", "--quiet", "--width", 128,
                          "--resume", ck)
     assert proc.returncode != 0 and "checkpoint is of a different model" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_async_exchange_moves_the_model_size_per_step_at_any_world_size(n):
+    """Sharded windows: each rank sends (and reads back) the whole parameter vector once per
+    step, so the bytes per rank and step are the model's size whatever the number of ranks."""
+    import sys
+    sys.path.insert(0, str(EXAMPLES))
+    import train_digits
+    model = train_digits.make_model("mlp", 256)
+    numel = sum(t.numel() for t in list(model.parameters()) + list(model.buffers())
+                if torch.is_floating_point(t))
+    report = run_digits(n, "--mode", "async", "--steps", 40, "--eval-every", 1000)
+    for r in report["ranks"]:
+        stats = r["exchange"]
+        assert stats["exchanges"] == 40, stats
+        assert stats["bytes_sent"] == 40 * 4 * numel, (stats, numel)
+        assert stats["bytes_received"] >= 40 * 4 * numel
+        assert 0 < stats["exchange_seconds"] and 0 <= stats["wait_seconds"] < report["train_seconds"]
+
+
+@pytest.mark.parametrize("backend", ["hpc_mpi", "gloo"])
+def test_digits_ddp_baseline(backend):
+    report = run_digits(2, "--mode", "ddp", "--backend", backend, "--steps", 200)
+    assert report["final_accuracy"] >= 0.95, report
+    _same_final_parameters(report)
+    assert all(r["exchange"] is None for r in report["ranks"])

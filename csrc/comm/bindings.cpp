@@ -82,6 +82,16 @@ PYBIND11_MODULE(_comm, m) {
       .def_property_readonly("max_lead", &RmaExchange::max_lead)
       .def_property_readonly("skipped", &RmaExchange::skipped)
       .def_property_readonly("exchanges", &RmaExchange::exchanges)
+      .def("stats", [](const RmaExchange& x) {
+             const RmaExchange::Stats s = x.stats();
+             py::dict d;
+             d["exchanges"] = s.exchanges;
+             d["bytes_sent"] = s.bytes_sent;
+             d["bytes_received"] = s.bytes_received;
+             d["exchange_seconds"] = s.exchange_seconds;
+             d["wait_seconds"] = s.wait_seconds;
+             return d;
+           })
       .def("shard", [](const RmaExchange& x, int owner) {
              return std::make_pair(x.shard_begin(owner), x.shard_end(owner));
            })

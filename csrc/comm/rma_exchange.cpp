@@ -114,6 +114,7 @@ void RmaExchange::exchange_loop() {
     }
     std::exception_ptr error;
     bool applied = true;
+    const auto began = std::chrono::steady_clock::now();
     try {
       const int64_t skipped_before = skipped_.load();
       run(job);
@@ -121,6 +122,8 @@ void RmaExchange::exchange_loop() {
     } catch (...) {
       error = std::current_exception();
     }
+    exchange_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::steady_clock::now() - began).count());
     {
       std::lock_guard<std::mutex> lock(mutex_);
       busy_ = false;
@@ -142,6 +145,7 @@ void RmaExchange::accumulate(const at::Tensor& delta, double scale) {
                                                        MPI_SUM, win_));
   }
   TORCH_HPC_MPI_CHECK("RMA exchange", MPI_Win_flush_all(win_));
+  bytes_sent_.fetch_add(numel_ * static_cast<int64_t>(sizeof(float)));
 }
 
 void RmaExchange::publish(int slot, int64_t value) {
@@ -208,6 +212,7 @@ void RmaExchange::read(at::Tensor& out) {
                                            MPI_NO_OP, win_));
   }
   TORCH_HPC_MPI_CHECK("reading the global parameters", MPI_Win_flush_all(win_));
+  bytes_received_.fetch_add(numel_ * static_cast<int64_t>(sizeof(float)));
 }
 
 void RmaExchange::start(const at::Tensor& delta, double scale, at::Tensor out, int64_t step,
@@ -222,9 +227,19 @@ void RmaExchange::start(const at::Tensor& delta, double scale, at::Tensor out, i
   cv_.notify_all();
 }
 
+RmaExchange::Stats RmaExchange::stats() const {
+  return {exchanges_.load(), bytes_sent_.load(), bytes_received_.load(), exchange_ns_.load() * 1e-9,
+          wait_ns_.load() * 1e-9};
+}
+
 bool RmaExchange::wait() {
   std::unique_lock<std::mutex> lock(mutex_);
-  cv_.wait(lock, [&] { return !busy_; });
+  if (busy_) {
+    const auto began = std::chrono::steady_clock::now();
+    cv_.wait(lock, [&] { return !busy_; });
+    wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::steady_clock::now() - began).count());
+  }
   if (error_) {
     auto error = error_;
     error_ = nullptr;

@@ -66,6 +66,13 @@ class RmaExchange {
   int64_t max_lead() const { return max_lead_.load(); }
   int64_t skipped() const { return skipped_.load(); }
   int64_t exchanges() const { return exchanges_.load(); }
+  // The exchanges' cost so far: bytes this rank sent (accumulates) and received (reads) through
+  // the parameter window, seconds the exchange thread spent on them, seconds wait() blocked.
+  struct Stats {
+    int64_t exchanges, bytes_sent, bytes_received;
+    double exchange_seconds, wait_seconds;
+  };
+  Stats stats() const;
   // Collective, without a busy wait: MPI_Ibarrier tested with a growing sleep.
   void barrier();
   // Collective: stops the threads and frees the windows. Idempotent.
@@ -114,6 +121,10 @@ class RmaExchange {
   std::atomic<int64_t> max_lead_{0};
   std::atomic<int64_t> skipped_{0};
   std::atomic<int64_t> exchanges_{0};
+  std::atomic<int64_t> bytes_sent_{0};
+  std::atomic<int64_t> bytes_received_{0};
+  std::atomic<int64_t> exchange_ns_{0};
+  std::atomic<int64_t> wait_ns_{0};
 };
 
 }  // namespace comm

@@ -91,6 +91,9 @@ class AsyncExchange:
             self._load(received)
         self._base = received
 
+    def stats(self):
+        return self._exchange.stats()
+
     # -- the global values (checkpoints, evaluation copies) --------------------------------------
     def checkpoint_values(self):
         """Collective: the global copy, after synchronize()."""

@@ -1,5 +1,7 @@
 """mode="sync": gradients averaged (or summed) by bucketed allreduce launched from
 post-accumulate-grad hooks, so communication overlaps the backward pass."""
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -45,6 +47,8 @@ class SyncAllreduce:
         self._passes = {}
         self._next_launch = 0
         self._synced = False
+        self._stats = {"exchanges": 0, "bytes_sent": 0, "bytes_received": 0, "exchange_seconds": None,
+                       "wait_seconds": 0.0}
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for b in self._buckets for p in b.params]
 
@@ -67,8 +71,12 @@ class SyncAllreduce:
         if self._synced:
             return
         self._launch_ready(every=True)  # gradients that never arrived count as 0
+        began = time.perf_counter()
         for b in self._buckets:
             b.work.wait()
+        self._stats["wait_seconds"] += time.perf_counter() - began
+        self._stats["exchanges"] += 1
+        for b in self._buckets:
             for p, values in zip(b.params, slices(b.flat, b.params)):
                 if p.grad is None:
                     p.grad = values.to(p.dtype).clone()
@@ -108,6 +116,9 @@ class SyncAllreduce:
             if self._average:
                 wire.div_(self._world)  # before the sum: keeps fp16 in range
             bucket.flat = wire
+            nbytes = wire.numel() * wire.element_size()
+            self._stats["bytes_sent"] += nbytes
+            self._stats["bytes_received"] += nbytes
             bucket.work = dist.all_reduce(wire, group=self._group, async_op=True)
             self._next_launch += 1
 
@@ -117,6 +128,9 @@ class SyncAllreduce:
         flat = flatten(self._buffers)
         dist.all_reduce(flat, group=self._group)
         unflatten_into(flat.div_(self._world), self._buffers)
+
+    def stats(self):
+        return dict(self._stats)
 
     # -- the model's values (checkpoints, evaluation copies) -------------------------------------
     def checkpoint_values(self):

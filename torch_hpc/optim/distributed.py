@@ -129,6 +129,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              f"{[tuple(t.shape) for t in self._state_tensors]}")
         unflatten_into(self._exchange.peek_values(), tensors)
 
+    def exchange_stats(self) -> dict:
+        """What the exchange has cost this rank so far: `exchanges` (steps exchanged),
+        `bytes_sent`/`bytes_received` (async: through the RMA windows, the whole parameter vector
+        each way per step whatever the world size, since every rank owns a shard; sync: the
+        gradient buckets handed to allreduce), `exchange_seconds` (async: time the exchange
+        thread spent; sync: None) and `wait_seconds` (time step() blocked on the exchange)."""
+        return self._exchange.stats()
+
     @property
     def skipped_updates(self) -> int:
         """async: steps whose delta held inf/NaN and was not sent."""
