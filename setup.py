@@ -118,7 +118,7 @@ if mpi:
     ext_modules.append(CppExtension(
         "torch_hpc._comm", sources("comm/*.cpp"), include_dirs=mpi["include_dirs"],
         library_dirs=mpi["library_dirs"], libraries=mpi["libraries"],
-        extra_compile_args={"cxx": ["-O2", "-g0"] + mpi["extra_compile_args"]},
+        extra_compile_args={"cxx": ["-O3", "-g0"] + mpi["extra_compile_args"]},
         extra_link_args=mpi["extra_link_args"]))
 else:
     print(f"torch_hpc: {mpi_note}")

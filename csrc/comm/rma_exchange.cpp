@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 
 #include "mpi_utils.h"
 
@@ -26,6 +27,19 @@ class Backoff {
   std::chrono::microseconds delay_{20};
 };
 
+// dst = scale * src in one pass; false (dst incomplete) when src holds an inf or NaN. One
+// vectorisable loop: isfinite(t).all() and t.mul(s) in ATen took 130 us for 86k floats here.
+bool scale_if_finite(const float* src, float* dst, int64_t n, float scale) {
+  uint32_t special = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof bits);
+    special |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    dst[i] = src[i] * scale;
+  }
+  return special == 0;
+}
+
 }  // namespace
 
 RmaExchange::RmaExchange(MPI_Comm parent, int64_t numel, bool progress_thread,
@@ -38,6 +52,7 @@ RmaExchange::RmaExchange(MPI_Comm parent, int64_t numel, bool progress_thread,
   TORCH_HPC_MPI_CHECK(op, MPI_Comm_rank(comm_, &rank_));
   TORCH_HPC_MPI_CHECK(op, MPI_Comm_size(comm_, &size_));
   chunk_ = (numel_ + size_ - 1) / size_;
+  scaled_.resize(static_cast<size_t>(numel_));
   const int64_t mine = shard_end(rank_) - shard_begin(rank_);
   mpi_count(mine, op);
   void* base = nullptr;
@@ -134,9 +149,7 @@ void RmaExchange::exchange_loop() {
   }
 }
 
-void RmaExchange::accumulate(const at::Tensor& delta, double scale) {
-  at::Tensor scaled = scale == 1.0 ? delta : delta.mul(scale);
-  const float* data = scaled.const_data_ptr<float>();
+void RmaExchange::accumulate(const float* data) {
   for (int owner = 0; owner < size_; ++owner) {
     const int64_t begin = shard_begin(owner), n = shard_end(owner) - begin;
     if (n == 0) continue;
@@ -187,8 +200,9 @@ void RmaExchange::wait_until(int slot, int64_t at_least, int64_t step) {
 
 void RmaExchange::run(const Job& job) {
   if (job.staleness >= 0) wait_until(kCompleted, job.step - 1 - job.staleness, job.step);
-  if (at::isfinite(job.delta).all().item<bool>()) {
-    accumulate(job.delta, job.scale);
+  if (scale_if_finite(job.delta.const_data_ptr<float>(), scaled_.data(), numel_,
+                      static_cast<float>(job.scale))) {
+    accumulate(scaled_.data());
   } else {
     skipped_.fetch_add(1);
   }

@@ -91,7 +91,7 @@ class RmaExchange {
   void stop_exchange_thread();
   void stop_progress_thread();
   void run(const Job& job);
-  void accumulate(const at::Tensor& delta, double scale);
+  void accumulate(const float* data);  // adds data[shard] into every owner's shard
   void publish(int slot, int64_t value);
   void wait_until(int slot, int64_t at_least, int64_t step);
   void check_open(const char* what) const;
@@ -105,6 +105,7 @@ class RmaExchange {
   int size_ = 1;
   int64_t numel_ = 0;
   int64_t chunk_ = 0;
+  std::vector<float> scaled_;  // the scaled delta being sent (exchange thread only)
   bool closed_ = false;
 
   std::thread exchange_thread_;
