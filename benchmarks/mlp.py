@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import torch_hpc
+from models import outside_spread
 
 
 def model_for(hidden, seed, device):
@@ -91,13 +92,7 @@ def main():
     med = lambda d, k: statistics.median(d[k])  # noqa: E731
     fp32_s, emu_s = med(fwd_bwd_seconds, "fp32"), med(fwd_bwd_seconds, "emulated")
     fp32_step, emu_step = med(step_seconds, "fp32"), med(step_seconds, "emulated")
-    spread = lambda runs, i: (min(r[i] for r in runs), max(r[i] for r in runs))  # noqa: E731
-    outside = 0
-    for i in range(args.steps):
-        lo32, hi32 = spread(curves["fp32"], i)
-        lo_e, hi_e = spread(curves["emulated"], i)
-        width = max(hi32 - lo32, hi_e - lo_e, 1e-7 * abs(hi32))
-        outside += any(v < lo32 - width or v > hi32 + width for r in curves["emulated"] for v in [r[i]])
+    outside = outside_spread(curves["fp32"], curves["emulated"])
     summary = {"speedup": fp32_s / emu_s, "fp32_forward_backward_ms": fp32_s * 1e3,
                "emulated_forward_backward_ms": emu_s * 1e3, "step_speedup": fp32_step / emu_step,
                "fp32_step_ms": fp32_step * 1e3, "emulated_step_ms": emu_step * 1e3,
