@@ -44,7 +44,10 @@ class AsyncExchange:
 
     def after_step(self):
         after = flatten(self._state_tensors)
-        self._delta.copy_(after - self._base)  # device to host: synchronous for CUDA
+        if after.device == self._delta.device:
+            torch.sub(after, self._base, out=self._delta)
+        else:
+            self._delta.copy_(after - self._base)  # device to host: synchronous for CUDA
         self._base = after
         self._local_step += 1
         self._exchange.start(self._delta, self._scale, self._received, self._local_step,
@@ -85,8 +88,8 @@ class AsyncExchange:
         if not self._exchange.wait():
             self.skipped_updates += 1
         received = self._received.to(self._device, non_blocking=True)
-        if self._has_buffers:
-            self._load(received + (flatten(self._state_tensors) - self._base))
+        if self._has_buffers:  # (flatten returns a new tensor: updated in place)
+            self._load(flatten(self._state_tensors).sub_(self._base).add_(received))
         else:
             self._load(received)
         self._base = received
