@@ -108,6 +108,32 @@ def equivalence():
         report[f"{mode}_surface_checksum"] = float(flat.sum())
         report[f"{mode}_surface_finite"] = bool(torch.isfinite(flat).all())
         opt.close()
+    # Buffers: BatchNorm on the input, so its running statistics after each step are the
+    # average over ranks of what each rank's batch gives (every rank can compute all batches).
+    batches = [torch.randn(6, 16, 16, generator=torch.Generator().manual_seed(200 + r)).to(device)
+               for r in range(world)]
+    momentum = 0.1
+    expected_mean, expected_var = torch.zeros(16, device=device), torch.ones(16, device=device)
+    for k in range(6):
+        expected_mean = (1 - momentum) * expected_mean + momentum * torch.stack(
+            [b[k].mean(0) for b in batches]).mean(0)
+        expected_var = (1 - momentum) * expected_var + momentum * torch.stack(
+            [b[k].var(0, unbiased=True) for b in batches]).mean(0)
+    for mode in ("sync", "async"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.BatchNorm1d(16, momentum=momentum), nn.Linear(16, 4)).to(device)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                   mode=mode, named_buffers=model.named_buffers(),
+                                   **({"staleness": 0} if mode == "async" else {}))
+        for k in range(6):
+            opt.zero_grad()
+            model(batches[rank][k]).square().mean().backward()
+            opt.step()
+        opt.synchronize()
+        bn = model[0]
+        report[f"{mode}_buffer_error"] = float(max((bn.running_mean - expected_mean).abs().max(),
+                                                   (bn.running_var - expected_var).abs().max()))
+        opt.close()
     # Optimizer state broadcast: rank 0's moments reach everyone.
     model, _, _ = model_and_data(seed=rank)
     broadcast_parameters(model.state_dict(), root_rank=0)

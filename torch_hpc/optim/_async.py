@@ -2,6 +2,7 @@
 one-sided windows and reads the current global copy back, on the exchange's own thread, while
 the next forward/backward computes. No rank waits for another (unless staleness bounds it)."""
 import torch
+import torch.distributed as dist
 
 from torch_hpc.distributed import rma
 
@@ -11,11 +12,12 @@ from ._flat import flatten, unflatten_into
 class AsyncExchange:
     """The exchange of one DistributedOptimizer in async mode (see DistributedOptimizer)."""
 
-    def __init__(self, state_tensors, device, *, op, staleness, has_buffers, progress_thread=None,
-                 progress_interval_us=None):
+    def __init__(self, state_tensors, device, *, op, staleness, buffer_numel, group,
+                 progress_thread=None, progress_interval_us=None):
         self._state_tensors = state_tensors
         self._device = device
-        self._has_buffers = has_buffers
+        self._buffer_numel, self._group = buffer_numel, group
+        self._has_buffers = buffer_numel > 0
         self._staleness = staleness
         numel = sum(t.numel() for t in state_tensors)
         if numel == 0:
@@ -39,7 +41,7 @@ class AsyncExchange:
     # -- the step --------------------------------------------------------------------------------
     def before_step(self):
         if not self._written:  # collective: the first step of every rank
-            self._write_global(flatten(self._state_tensors))
+            self._write_global(self._first_values())
         self._adopt()
 
     def after_step(self):
@@ -62,13 +64,23 @@ class AsyncExchange:
     def synchronize(self):
         """Collective: drains the exchange, waits for every rank and loads the global copy."""
         if not self._written:
-            self._write_global(flatten(self._state_tensors))
+            self._write_global(self._first_values())
         self._adopt()
         self._exchange.finish()
         self._exchange.barrier()
         self._exchange.read(self._received)
         self._load(self._received)
         self._write_global(self._received)  # same values; counters restart at 0 on every rank
+
+    def _first_values(self):
+        """The model's values, buffers averaged over ranks (the forward passes before the first
+        step changed each rank's differently; every rank writes only its own shard)."""
+        values = flatten(self._state_tensors)
+        if self._has_buffers:
+            buffers = values[values.numel() - self._buffer_numel:]
+            dist.all_reduce(buffers, group=self._group)
+            buffers.div_(self._exchange.size)
+        return values
 
     def _write_global(self, values):
         self._exchange.write(values.detach().float().cpu().contiguous())

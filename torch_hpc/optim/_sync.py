@@ -1,5 +1,8 @@
 """mode="sync": gradients averaged (or summed) by bucketed allreduce launched from
-post-accumulate-grad hooks, so communication overlaps the backward pass."""
+post-accumulate-grad hooks, so communication overlaps the backward pass. Float buffers (BatchNorm
+statistics, final once the forward passes ran) are averaged by one more allreduce queued right
+after the last gradient bucket: step() never starts a blocking collective of its own (measured:
+a blocking buffer allreduce per step cost 25 ms at 16 ranks on 16 cores, Open MPI 4.1.6)."""
 import time
 
 import torch
@@ -46,6 +49,7 @@ class SyncAllreduce:
         self._bucket_of = {p: i for i, b in enumerate(self._buckets) for p in b.params}
         self._passes = {}
         self._next_launch = 0
+        self._buffer_work = self._buffer_flat = None
         self._synced = False
         self._stats = {"exchanges": 0, "bytes_sent": 0, "bytes_received": 0, "exchange_seconds": None,
                        "wait_seconds": 0.0}
@@ -64,6 +68,7 @@ class SyncAllreduce:
             b.ready, b.work, b.flat = 0, None, None
         self._passes.clear()
         self._next_launch = 0
+        self._buffer_work = self._buffer_flat = None
         self._synced = False
 
     def synchronize(self):
@@ -74,6 +79,8 @@ class SyncAllreduce:
         began = time.perf_counter()
         for b in self._buckets:
             b.work.wait()
+        if self._buffer_work is not None:
+            self._buffer_work.wait()
         self._stats["wait_seconds"] += time.perf_counter() - began
         self._stats["exchanges"] += 1
         for b in self._buckets:
@@ -83,7 +90,9 @@ class SyncAllreduce:
                 else:
                     p.grad.copy_(values)
             b.work, b.flat = None, None
-        self._average_buffers()
+        if self._buffer_flat is not None:
+            unflatten_into(self._buffer_flat.div_(self._world), self._buffers)
+            self._buffer_work = self._buffer_flat = None
         self._synced = True
 
     # -- gradients as they become ready ----------------------------------------------------------
@@ -121,13 +130,12 @@ class SyncAllreduce:
             self._stats["bytes_received"] += nbytes
             bucket.work = dist.all_reduce(wire, group=self._group, async_op=True)
             self._next_launch += 1
-
-    def _average_buffers(self):
-        if not self._buffers:
-            return
-        flat = flatten(self._buffers)
-        dist.all_reduce(flat, group=self._group)
-        unflatten_into(flat.div_(self._world), self._buffers)
+        if self._buffers and self._buffer_work is None:
+            self._buffer_flat = flatten(self._buffers)
+            nbytes = self._buffer_flat.numel() * self._buffer_flat.element_size()
+            self._stats["bytes_sent"] += nbytes
+            self._stats["bytes_received"] += nbytes
+            self._buffer_work = dist.all_reduce(self._buffer_flat, group=self._group, async_op=True)
 
     def stats(self):
         return dict(self._stats)

@@ -77,7 +77,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 backward_passes_per_step=self.backward_passes_per_step, bucket_cap_mb=bucket_cap_mb)
         else:
             self._exchange = AsyncExchange(self._state_tensors, device, op=op,
-                                           staleness=self.staleness, has_buffers=bool(buffers),
+                                           staleness=self.staleness, group=group,
+                                           buffer_numel=sum(b.numel() for _, b in buffers),
                                            progress_thread=progress_thread,
                                            progress_interval_us=progress_interval_us)
 
