@@ -74,7 +74,7 @@ def exchange_cost(runs):
             for k in per_run[0]}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=3)
@@ -91,7 +91,15 @@ def main():
                    choices=[c[0] for c in CONFIGS])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--tag", default="")
-    args = p.parse_args()
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: combine the rows of earlier runs' JSON files (e.g. the 16-rank "
+                        "DDP gloo cells measured apart) into one table, JSON and PNG")
+    args = p.parse_args(argv)
+    if args.merge:
+        rows, curves, meta = merged(args.merge)
+        args.ranks = sorted({r["ranks"] for r in rows})
+        args.target, args.model = meta["target"], meta["model"]
+        return report(args, rows, curves, meta)
 
     _, mpi_version = mpiexec(2)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
@@ -126,6 +134,32 @@ def main():
                                  for r in runs]})
                     curves[f"{ranks} ranks {name}{' +straggler' if straggler else ''}"] = runs[0]["curve"]
 
+    meta = {"machine": machine, "mpi": mpi_version, "date": str(datetime.date.today()),
+            "command": " ".join(["python", sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
+            **vars(args)}
+    return report(args, rows, curves, meta)
+
+
+def merged(paths):
+    """Rows and curves of several train.py JSON files (a later file's cell replaces an earlier's)."""
+    cells, curves, metas = {}, {}, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        metas.append(data["meta"])
+        cells.update({(r["ranks"], r["config"], r["straggler"]): r for r in data["rows"]})
+        curves.update(data["curves"])
+    order = {name: i for i, (name, *_) in enumerate(CONFIGS)}
+    rows = sorted(cells.values(), key=lambda r: (r["ranks"], r["straggler"], order[r["config"]]))
+    if len({(m["machine"], m["mpi"], m["target"]) for m in metas}) != 1:
+        sys.exit("--merge: the files come from different machines, MPIs or targets")
+    meta = {**metas[0], "command": " ; ".join(m["command"] for m in metas),
+            "merged_from": [os.path.basename(p) for p in paths]}
+    return rows, curves, meta
+
+
+def report(args, rows, curves, meta):
+    """Prints the table and the ratios to the baseline; writes JSON and PNG."""
     def cell(ranks, config, straggler, key):
         return next((r[key] for r in rows if r["ranks"] == ranks and r["config"] == config
                      and r["straggler"] == straggler), None)
@@ -159,12 +193,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train-{args.model}-{'-'.join(map(str, args.ranks))}ranks"
                                   f"{'-' + args.tag if args.tag else ''}")
-    meta = {"machine": machine, "mpi": mpi_version, "date": str(datetime.date.today()),
-            "command": " ".join(["python"] + sys.argv), **vars(args)}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "summary": summary, "rows": rows, "curves": curves}, f, indent=1)
-    plot(rows, curves, args, stem + ".png", f"digits, {machine}, {meta['date']}")
+    plot(rows, curves, args, stem + ".png", f"digits, {meta['machine']}, {meta['mpi']}, {meta['date']}")
     print(f"wrote {stem}.json and {stem}.png")
+    return {"rows": rows, "summary": summary, "json": stem + ".json"}
 
 
 def plot(rows, curves, args, path, title):

@@ -124,7 +124,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--mode", choices=["sync", "async"], default="async")
     p.add_argument("--emulate-fp32", action="store_true", help="matrix products via torch_hpc")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU per local rank if there are enough, else the CPU")
     p.add_argument("--eval-frames", type=int, default=40)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "local"))
     p.add_argument("--quiet", action="store_true")
@@ -132,8 +133,7 @@ def main(argv=None):
 
     launch = torch_hpc.distributed.init("hpc_mpi")
     rank, world = launch.rank, launch.world_size
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = launch.device(args.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 and not args.quiet else (lambda *a: None)
     precision = torch_hpc.fp32_emulation(args.emulate_fp32, cpu=args.emulate_fp32)
 

@@ -77,9 +77,8 @@ def parse_args(argv=None):
                    help="run the model's matrix products through torch_hpc's 3xfp16 emulation")
     p.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
                    help="make RANK FACTOR times slower (sleeps (FACTOR-1) x its measured step time)")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda when every local rank can have its own GPU: measured, 16 ranks "
-                        "sharing one H200 ran 5-14x slower than on its host's 16 cores), cpu or cuda")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a GPU per local rank if there are enough, else the CPU")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--target", type=float, default=0.95, help="accuracy for time-to-accuracy")
     p.add_argument("--checkpoint", default=None, help="save here at the end (and every --save-every)")
@@ -100,11 +99,7 @@ def main(argv=None):
                          "(--mode sync/async)")
     launch = torch_hpc.distributed.init(args.backend)
     rank, world = launch.rank, launch.world_size
-    if args.device == "auto":  # one GPU per local rank; ranks sharing a GPU time-slice it
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        args.device = "cuda" if gpus >= launch.local_world_size else "cpu"
-    device = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) \
-        if args.device == "cuda" else torch.device("cpu")
+    device = launch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""The GEMM benchmarks end to end at small sizes (numbers come from real runs of them, not here):
+"""The benchmarks end to end at small sizes (numbers come from real runs of them, not here):
 they run, report every case, and write their JSON and PNG."""
 import json
 import sys
@@ -13,6 +13,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import gemm  # noqa: E402
 import models  # noqa: E402
 import overhead  # noqa: E402
+import train  # noqa: E402
 
 
 def test_overhead_benchmark_reports_every_case(tmp_path):
@@ -62,3 +63,20 @@ def test_lorenz96_trajectories_are_chaotic_not_constant():
     assert traj.shape == (2, 300, models.LORENZ_VARS)
     assert torch.isfinite(traj).all() and traj.std() > 0.5
     assert not torch.allclose(traj[0], traj[1])  # different initial perturbations diverge
+
+
+def test_train_benchmark_runs_each_config_and_merges_runs(tmp_path):
+    pytest.importorskip("sklearn")
+    small = ["--ranks", "2", "--repeats", "1", "--steps", "30", "--eval-every", "10", "--target", "0.5",
+             "--out", str(tmp_path)]
+    ddp = train.main(small + ["--configs", "DDP hpc_mpi", "--tag", "ddp"])
+    dist_opt = train.main(small + ["--configs", "async", "--tag", "async"])
+    for result, config in ((ddp, "DDP hpc_mpi"), (dist_opt, "async")):
+        assert {(r["config"], r["straggler"]) for r in result["rows"]} == {(config, False), (config, True)}
+    merged = train.main(["--merge", ddp["json"], dist_opt["json"], "--out", str(tmp_path), "--tag", "both"])
+    assert len(merged["rows"]) == 4
+    ratio = merged["summary"]["2"]["async / DDP hpc_mpi steps/s per rank, no straggler"]
+    assert ratio is not None and ratio > 0
+    async_row = next(r for r in merged["rows"] if r["config"] == "async" and not r["straggler"])
+    assert async_row["exchange_bytes_per_step"] > 0
+    assert (tmp_path / "train-mlp-2ranks-both.png").exists()

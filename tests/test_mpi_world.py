@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launchers import mpich_family, mpiexec_command, run_workers, torchrun_supported
 from torch_hpc.distributed import detect_launcher
@@ -32,6 +33,24 @@ def test_detect_launcher_rejects_bad_values():
         detect_launcher({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(RuntimeError, match="not an integer"):
         detect_launcher({"PMI_RANK": "x", "PMI_SIZE": "2"})
+
+
+def test_launch_device_gives_each_local_rank_a_gpu_or_the_cpu():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    one = detect_launcher({"RANK": "0", "WORLD_SIZE": "1"})
+    crowded = detect_launcher({"RANK": "3", "WORLD_SIZE": "64", "LOCAL_RANK": "3",
+                               "LOCAL_WORLD_SIZE": str(gpus + 1)})
+    assert crowded.device("auto") == torch.device("cpu")  # ranks would share a GPU
+    assert one.device("cpu") == torch.device("cpu")
+    if gpus:
+        assert one.device("auto") == torch.device("cuda", 0)
+        assert crowded.device("cuda") == torch.device("cuda", 3 % gpus)
+    else:
+        assert one.device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="no GPU"):
+            one.device("cuda")
+    with pytest.raises(ValueError, match="'auto', 'cuda' or 'cpu'"):
+        one.device("gpu")
 
 
 @pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2), ("torchrun", 4)])

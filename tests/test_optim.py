@@ -40,6 +40,7 @@ def test_equivalence_with_ddp_and_sync_sgd(launcher, n):
         assert r["async_finite"] and r["async_moved"] < 0.1
         assert r["max_staleness_seen"]["async-0"] == 0
         assert r["sync_buffer_error"] <= 1e-5, r  # float buffers averaged every step
+        assert r["sync_bytes_before_first_step"] == r["sync_model_bytes"], r  # ... launched in backward
         assert r["async_buffer_error"] <= 1e-5, r
         for mode in ("sync", "async"):
             assert r[f"{mode}_surface_lr"] == [0.025, 0.05] and r[f"{mode}_surface_finite"]

@@ -128,6 +128,10 @@ def equivalence():
         for k in range(6):
             opt.zero_grad()
             model(batches[rank][k]).square().mean().backward()
+            if mode == "sync" and k == 0:  # buffers already on their way: step() starts nothing
+                report["sync_bytes_before_first_step"] = opt.exchange_stats()["bytes_sent"]
+                report["sync_model_bytes"] = 4 * sum(t.numel() for t in model.state_dict().values()
+                                                     if torch.is_floating_point(t))
             opt.step()
         opt.synchronize()
         bn = model[0]

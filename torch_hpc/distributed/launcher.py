@@ -30,6 +30,22 @@ class LaunchInfo:
         """Started by an MPI launcher: MPI_Init gives the full world by itself."""
         return self.launcher in ("openmpi", "mpich", "pmix")
 
+    def device(self, requested: str = "auto"):
+        """The torch.device this rank should train on. "auto": cuda:<local rank> when every local
+        rank can have a GPU of its own, else the CPU (measured: 16 ranks sharing one H200 ran the
+        digits example 7x slower than the same ranks on the host's 16 cores). "cuda": GPUs shared
+        round-robin if there are fewer than ranks. "cpu": the CPU."""
+        import torch
+        if requested not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"torch_hpc LaunchInfo.device: requested must be 'auto', 'cuda' or "
+                             f"'cpu', got {requested!r}")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if requested == "cuda" and gpus == 0:
+            raise RuntimeError("torch_hpc LaunchInfo.device: 'cuda' was asked for but no GPU is visible")
+        if requested == "cpu" or (requested == "auto" and gpus < self.local_world_size):
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank % gpus)
+
 
 def _int(env, name, default):
     value = env.get(name) if name else None
