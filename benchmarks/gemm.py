@@ -10,8 +10,11 @@ PV), broadcasting matmul and the Linear layers of common models. Batched points 
 torch.matmul against torch_hpc.matmul; "torch_hpc_emulated" is torch_hpc with the SGEMM
 fallback off (the tensor-core path alone), which shows where the fallback rule should switch.
 
-TFLOP/s counts 2*M*N*K fp32-equivalent flops; each time is the median of --reps timed runs
-after warm-up, with inputs rotated so the L2 cache does not flatter small sizes. Error is
+TFLOP/s counts 2*M*N*K fp32-equivalent flops. Each point times its methods in 5 interleaved
+rounds after warm-up, --reps calls per method in all, inputs rotated so the L2 cache does not
+flatter small sizes: torch calls by CUDA events around each call (device time), JAX by
+back-to-back calls synchronised once per round (its asynchronous dispatch hides the per-call
+host overhead); the median sample counts. Error is
 ||C - C64||_F / ||C64||_F on fresh N(0,1) inputs. Writes a table, JSON and a PNG plot.
 """
 import argparse
@@ -90,36 +93,37 @@ def jax_methods():
     return out
 
 
-def time_torch(fn, inputs, device, reps, warmup):
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
+def time_torch(fn, inputs, device, calls, first=0):
+    """Seconds of each of `calls` calls, inputs rotated from `first`: device time (CUDA events
+    around each call) on the GPU, wall time on the CPU."""
     if device == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
         torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
+        for i in range(calls):
             starts[i].record()
-            fn(*inputs[i % len(inputs)])
+            fn(*inputs[(first + i) % len(inputs)])
             ends[i].record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
     times = []
-    for i in range(reps):
+    for i in range(calls):
         t0 = time.perf_counter()
-        fn(*inputs[i % len(inputs)])
+        fn(*inputs[(first + i) % len(inputs)])
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def time_jax(fn, inputs, reps, warmup):
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)]).block_until_ready()
-    times = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(*inputs[i % len(inputs)]).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_jax(fn, inputs, calls, first=0):
+    """Seconds per call of `calls` back-to-back calls, synchronised once at the end: JAX's
+    dispatch is asynchronous, so its per-call host overhead hides behind the GPU's work (at
+    most one dispatch and one synchronisation per batch are charged)."""
+    t0 = time.perf_counter()
+    out = None
+    for i in range(calls):
+        out = fn(*inputs[(first + i) % len(inputs)])
+    out.block_until_ready()
+    return [(time.perf_counter() - t0) / calls]
 
 
 def rel_error(c, ref):
@@ -170,36 +174,53 @@ def input_sets(pt, device, l2_bytes, seed):
             for _ in range(count)]
 
 
-def bench_point(pt, device, methods, jax_fns, reps, warmup, l2_bytes, seed):
+def bench_point(pt, device, methods, jax_fns, reps, warmup, l2_bytes, seed, rounds=5):
+    """One point, every method timed in `rounds` interleaved rounds (clock and thermal drift hit
+    all alike); each method's time is the median of its samples."""
     sets = input_sets(pt, device, l2_bytes, seed)
     a0, b0 = sets[0]
     ref = torch.matmul(a0.double(), b0.double())
     flops = 2.0 * pt["batch"] * pt["m"] * pt["n"] * pt["k"]
     row = dict(pt)
     two_d = len(pt["a"]) == len(pt["b"]) == 2
+    timers, errors = {}, {}
     for name in methods:
         if name.startswith("jax"):
             if name not in jax_fns:
                 continue
             import jax.numpy as jnp
+            fn = jax_fns[name]
             jsets = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in sets]
-            c = torch.from_numpy(np.array(jax_fns[name](*jsets[0]))).to(device)
-            seconds = time_jax(jax_fns[name], jsets, reps, warmup)
-            del jsets
+            c = torch.from_numpy(np.array(fn(*jsets[0]))).to(device)
+            time_jax(fn, jsets, warmup)
+            timers[name] = lambda calls, first, fn=fn, jsets=jsets: time_jax(fn, jsets, calls, first)
         else:
             if name in TWO_D_ONLY and not two_d:
                 continue
             fn, mode = torch_method(name, device)
             if device != "cuda" and mode is not None:
                 continue  # TF32 / fp16 tensor-core methods are GPU-only
-            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
             run_sets = [(a.half(), b.half()) for a, b in sets] if mode == "fp16_inputs" else sets
+
+            def timer(calls, first, fn=fn, run_sets=run_sets, tf32=mode == "tf32"):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                try:
+                    return time_torch(fn, run_sets, device, calls, first)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = False
             c = fn(*run_sets[0])
-            seconds = time_torch(fn, run_sets, device, reps, warmup)
-            torch.backends.cuda.matmul.allow_tf32 = False
-        row[name] = {"tflops": flops / seconds / 1e12, "seconds": seconds,
-                     "error": rel_error(c.float(), ref)}
+            timer(warmup, 0)
+            timers[name] = timer
+        errors[name] = rel_error(c.float(), ref)
         del c
+    per_round = max(1, math.ceil(reps / rounds))
+    samples = {name: [] for name in timers}
+    for r in range(rounds):
+        for name, timer in timers.items():
+            samples[name] += timer(per_round, r * per_round)
+    for name in timers:
+        seconds = statistics.median(samples[name])
+        row[name] = {"tflops": flops / seconds / 1e12, "seconds": seconds, "error": errors[name]}
     return row
 
 
@@ -229,6 +250,20 @@ def print_table(rows, methods, out=sys.stdout):
         print(f"  lowest {min(speeds):.2f}x, points below 0.95x: {sum(v < 0.95 for v in speeds)} of "
               f"{len(speeds)}, highest error ratio {max(r[method]['error'] / r['fp32']['error'] for r in both):.2f}x",
               file=out)
+
+
+def print_ratio_to_x3(rows, out=sys.stdout):
+    both = [r for r in rows if "torch_hpc" in r and "jax_bf16_x3" in r]
+    if not both:
+        return
+    width = max(20, max(len(r["label"]) for r in both))
+    print(f"\n{LABELS['torch_hpc']} vs {LABELS['jax_bf16_x3']} (speed, error; fp32 for scale):", file=out)
+    for r in both:
+        x3, mine = r["jax_bf16_x3"], r["torch_hpc"]
+        vs_fp32 = f", {mine['tflops'] / r['fp32']['tflops']:.2f}x fp32's speed, " \
+                  f"{mine['error'] / r['fp32']['error']:.2f}x its error" if "fp32" in r else ""
+        print(f"  {r['label']:>{width}}: {mine['tflops'] / x3['tflops']:5.2f}x, "
+              f"{mine['error'] / x3['error']:5.2f}x{vs_fp32}", file=out)
 
 
 def plot(rows, methods, path, title):
@@ -300,6 +335,7 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, args.methods)
+    print_ratio_to_x3(rows)
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"gemm-{device}{'-' + args.tag if args.tag else ''}")
