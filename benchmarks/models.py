@@ -15,6 +15,7 @@ warm-up steps. The emulated loss must stay inside the fp32 seeds' spread (widene
 emulated seeds' own spread), as in benchmarks/mlp.py. Table + JSON + PNG.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -130,7 +131,9 @@ def train(name, cfg, precision, seed, steps, device):
     torch.manual_seed(seed)
     model = make_model().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    mode = torch_hpc.fp32_emulation(enabled=precision == "emulated", cpu=device.type == "cpu")
+    # the fp32 baseline runs with no context at all (as a user's fp32 code does)
+    mode = torch_hpc.fp32_emulation(cpu=device.type == "cpu") if precision == "emulated" \
+        else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     data = batches(seed)
     losses, seconds = [], []

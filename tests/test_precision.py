@@ -76,6 +76,15 @@ def test_nesting_and_turning_off_inside(device):
     assert outer.calls["mm"] == 2 and inner.calls["mm"] == 1 and sum(off.calls.values()) == 0
     assert torch.equal(plain, fp32_reference_product(a, b)) or device == "cpu"
 
+    # One TorchFunctionMode however deep the nesting; none for a disabled context (no per-op cost)
+    depth = torch._C._len_torch_function_stack
+    with torch_hpc.fp32_emulation(False):
+        assert depth() == 0
+        with torch_hpc.fp32_emulation():
+            with torch_hpc.fp32_emulation(False), torch_hpc.fp32_emulation():
+                assert depth() == 1
+        assert depth() == 0
+
     @torch_hpc.fp32_emulation(cpu=True)
     def decorated(x, y):
         return torch_hpc.is_fp32_emulation_enabled()

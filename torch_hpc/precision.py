@@ -98,9 +98,8 @@ for _funcs, _route in (
 
 
 class _EmulationMode(TorchFunctionMode):
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = calls
+    """One per thread while any fp32_emulation(True) context is open; the innermost context (the
+    settings stack's top) decides each call and counts it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,11 +109,11 @@ class _EmulationMode(TorchFunctionMode):
                 return func(*args, **kwargs)
             func, args, route = torch.Tensor.__matmul__, (args[1], args[0]), _ROUTES[torch.Tensor.__matmul__]
         name, impl, operands = route
-        stack = _settings()
-        if stack and stack[-1][0]:
+        enabled, cpu, calls, _ = _settings()[-1]
+        if enabled:
             tensors = operands(args, kwargs)
-            if tensors is not None and _emulated(tensors, stack[-1][1]):
-                self.calls[name] += 1
+            if tensors is not None and _emulated(tensors, cpu):
+                calls[name] += 1
                 return impl(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -122,25 +121,26 @@ class _EmulationMode(TorchFunctionMode):
 class fp32_emulation:  # noqa: N801 (a context manager, named like torch's)
     """Context manager (and decorator) that turns the emulated fp32 product on (or off, with
     enabled=False) for the code inside. `cpu=True` routes CPU tensors too. Nests; thread-local.
-    `.calls` counts the products routed by this context, by function name."""
+    `.calls` counts the products routed by this context, by function name. Only an enabled
+    context with none already open on the thread installs the TorchFunctionMode that routes
+    (a disabled one costs nothing per op)."""
 
     def __init__(self, enabled: bool = True, cpu: bool = False):
         self.enabled, self.cpu = bool(enabled), bool(cpu)
         self.calls = collections.Counter()
-        self._mode = None
 
     def __enter__(self):
-        _settings().append((self.enabled, self.cpu))
-        self._mode = _EmulationMode(self.calls)
-        self._mode.__enter__()
+        stack = _settings()
+        mode = _EmulationMode() if self.enabled and all(entry[3] is None for entry in stack) else None
+        stack.append((self.enabled, self.cpu, self.calls, mode))
+        if mode is not None:
+            mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        try:
-            self._mode.__exit__(*exc)
-        finally:
-            _settings().pop()
-            self._mode = None
+        mode = _settings().pop()[3]
+        if mode is not None:
+            mode.__exit__(*exc)
         return False
 
     def __call__(self, fn):
