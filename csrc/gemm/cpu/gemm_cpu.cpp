@@ -16,6 +16,12 @@ namespace torch_hpc {
 namespace gemm {
 namespace {
 
+// Iterations per task so that each holds about at::internal::GRAIN_SIZE elementary operations:
+// a tiny product runs on the calling thread (an OpenMP region costs more than its work).
+int64_t grain(int64_t work_per_iteration) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_iteration));
+}
+
 // Split planes of a batch of row sets: hi/lo [batch, rows, k], exponent/fallback [batch, rows].
 struct Planes {
   at::Tensor hi, lo, exponent, fallback;
@@ -32,7 +38,7 @@ Planes split_cpu(const float* x, int64_t batch, int64_t rows, int64_t k, int64_t
   auto* lo = reinterpret_cast<uint16_t*>(p.lo.data_ptr<at::Half>());
   int32_t* ex = p.exponent.data_ptr<int32_t>();
   int32_t* fb = p.fallback.data_ptr<int32_t>();
-  at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * rows, grain(2 * k), [&](int64_t begin, int64_t end) {
     for (int64_t br = begin; br < end; ++br) {
       const float* row = x + (br / rows) * sb + (br % rows) * sr;
       RowStats stats;
@@ -71,7 +77,7 @@ void gemm_cpu_batch(const Planes& pa, const Planes& pb, int64_t bi, int64_t m, i
 
   // B as [k, n] in fp64: b_sum = hi + 2^-11 lo (exact) and b_hi.
   std::vector<double> b_sum(k * n), b_hi(k * n);
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(2 * k), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j)
       for (int64_t i = 0; i < k; ++i) {
         const double h = f16_to_f32(bhi[j * k + i]);
@@ -81,7 +87,7 @@ void gemm_cpu_batch(const Planes& pa, const Planes& pb, int64_t bi, int64_t m, i
   });
 
   const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, row_blocks, grain(4 * kRowBlock * n * k), [&](int64_t begin, int64_t end) {
     double acc[kRowBlock][kColBlock];
     for (int64_t rb = begin; rb < end; ++rb) {
       const int64_t i0 = rb * kRowBlock;
