@@ -1,0 +1,224 @@
+"""torch_hpc.conv1d/2d/3d: F.conv*d's semantics, accuracy against fp64 (outputs and both
+gradients), inf/NaN, errors, torch.compile. CUDA cases check the cuDNN (TF32 off) and pointwise
+GEMM routes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_hpc
+from helpers import DEVICES, contract_constant, requires_cuda
+
+TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+HPC_CONV = {1: torch_hpc.conv1d, 2: torch_hpc.conv2d, 3: torch_hpc.conv3d}
+
+# (dims, batch, in, out, size, kernel, keyword arguments)
+CASES = [
+    (1, 2, 4, 6, 11, 3, {}),
+    (1, 3, 8, 4, 20, 5, {"stride": 2, "padding": 2, "dilation": 2}),
+    (1, 2, 8, 8, 9, 4, {"padding": "same", "groups": 4}),
+    (2, 2, 4, 6, 9, 3, {"stride": 2, "padding": 1}),
+    (2, 2, 6, 4, 10, 3, {"stride": (1, 2), "padding": (2, 0), "dilation": (1, 2)}),
+    (2, 1, 8, 6, 8, 2, {"padding": "same"}),
+    (2, 2, 6, 9, 7, 3, {"padding": "valid", "groups": 3}),
+    (2, 3, 5, 7, 6, 1, {}),
+    (2, 0, 4, 6, 9, 3, {"padding": 1}),
+    (3, 2, 4, 6, 6, 3, {"padding": (1, 0, 2), "stride": (1, 2, 1)}),
+    (3, 1, 4, 4, 5, 2, {"dilation": 2, "padding": "same", "groups": 2}),
+]
+
+
+def _ids(case):
+    n, batch, cin, cout, size, k, kw = case
+    return f"{n}d-b{batch}-{cin}to{cout}-k{k}-" + "-".join(f"{a}{b}" for a, b in kw.items()).replace(" ", "")
+
+
+def _inputs(case, device, seed=0, bias=True):
+    n, batch, cin, cout, size, k, kw = case
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, cin, *[size] * n, device=device, generator=g)
+    w = torch.randn(cout, cin // kw.get("groups", 1), *[k] * n, device=device, generator=g)
+    b = torch.randn(cout, device=device, generator=g) if bias else None
+    return x, w, b
+
+
+def _contract_ratio(out, ref, x, w, n, kw):
+    """max |out - ref| / (|x| * |w|) over entries where the scale is > 0 (the GEMM's contract)."""
+    scale = TORCH_CONV[n](x.double().abs(), w.double().abs(), None, **kw)
+    err = (out.double() - ref).abs()
+    mask = scale > 0
+    return (err[mask] / scale[mask]).max().item() if mask.any() else 0.0
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_matches_fp64_within_the_contract(case, bias, device):
+    n, _, cin, _, _, k, kw = case
+    x, w, b = _inputs(case, device, bias=bias)
+    ref = TORCH_CONV[n](x.double(), w.double(), None if b is None else b.double(), **kw)
+    out = HPC_CONV[n](x, w, b, **kw)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    patch = cin // kw.get("groups", 1) * k ** n
+    assert _contract_ratio(out - (0 if b is None else b.view(-1, *[1] * n)),
+                           ref - (0 if b is None else b.double().view(-1, *[1] * n)),
+                           x, w, n, kw) <= contract_constant(patch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_unbatched_and_channels_last_keep_torchs_layout(device):
+    x, w, b = _inputs((2, 3, 8, 16, 9, 3, {}), device)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        out, ref = torch_hpc.conv2d(layout, w, b, padding=1), F.conv2d(layout, w, b, padding=1)
+        assert out.shape == ref.shape
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            assert out.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
+    pointwise = torch.randn(16, 8, 1, 1, device=device)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch_hpc.conv2d(cl, pointwise).is_contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(2, 8, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last_3d)
+    out = torch_hpc.conv3d(x3, torch.randn(4, 8, 3, 3, 3, device=device), padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    single = torch_hpc.conv2d(x[0], w, b, padding=1)
+    assert single.shape == (16, 9, 9)
+    torch.testing.assert_close(single, torch_hpc.conv2d(x[:1], w, b, padding=1)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(2, 4, 32, 32, 12, 3, {"padding": 1}),
+                                  (2, 4, 64, 64, 8, 3, {"stride": 2, "padding": 1}),
+                                  (3, 2, 16, 16, 6, 3, {"padding": "same"}),
+                                  (1, 8, 32, 16, 30, 5, {"groups": 2, "dilation": 2})], ids=_ids)
+def test_conv_output_and_gradients_at_least_as_accurate_as_fp32(case, device):
+    """Normwise error against fp64 of the output, the input and weight (and bias) gradients is
+    no worse than torch's fp32 convolution's (TF32 off) on the same inputs."""
+    n = case[0]
+    kw = case[-1]
+    x, w, b = _inputs(case, device)
+    leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = TORCH_CONV[n](*leaves64, **kw)
+    grad = torch.randn(ref.shape, device=device, generator=torch.Generator(device=device).manual_seed(9))
+    ref.backward(grad.double())
+    errors = {}
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, fn in (("torch_hpc", HPC_CONV[n]), ("fp32", TORCH_CONV[n])):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            out = fn(*leaves, **kw)
+            out.backward(grad)
+            errors[name] = [_rel(out, ref)] + [_rel(t.grad, t64.grad) for t, t64 in zip(leaves, leaves64)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    for what, mine, theirs in zip(("output", "input grad", "weight grad", "bias grad"),
+                                  errors["torch_hpc"], errors["fp32"]):
+        assert mine <= theirs * 1.05 + 1e-9, f"{what}: {mine:.2e} vs fp32's {theirs:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_inf_and_nan_as_fp64_gives(device):
+    x, w, b = _inputs((2, 2, 4, 6, 8, 3, {}), device)
+    x[0, 1, 2, 3] = float("inf")
+    x[1, 0, 5, 5] = float("nan")
+    w[2, 1, 0, 0] = float("-inf")
+    out = torch_hpc.conv2d(x, w, b, padding=1)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)].float())
+
+
+def test_conv_other_dtypes_and_autocast_go_to_torch():
+    x, w, b = (t.double() for t in _inputs((2, 2, 4, 6, 8, 3, {}), "cpu"))
+    assert torch.equal(torch_hpc.conv2d(x, w, b, padding=1), F.conv2d(x, w, b, padding=1))
+    x, w, b = _inputs((2, 2, 4, 6, 8, 3, {}), "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch_hpc.conv2d(x, w, b).dtype == F.conv2d(x, w, b).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda x, w: torch_hpc.conv2d(x, w[0]), "'weight' to be 4-D"),
+    (lambda x, w: torch_hpc.conv2d(x[0, 0], w), "'input' to be 3-D (unbatched) or 4-D"),
+    (lambda x, w: torch_hpc.conv2d(x, w, groups=3), "groups=3"),
+    (lambda x, w: torch_hpc.conv2d(x, w, torch.zeros(5)), "'bias' of shape (6,)"),
+    (lambda x, w: torch_hpc.conv2d(x, w, stride=2, padding="same"), "strided convolutions"),
+    (lambda x, w: torch_hpc.conv2d(x, w, padding="full"), "'padding' to be 'same', 'valid'"),
+    (lambda x, w: torch_hpc.conv2d(x, w, stride=0), "'stride' to be an int >= 1"),
+    (lambda x, w: torch_hpc.conv2d(x, w, padding=(1, 2, 3)), "'padding' to be an int >= 0 or 2"),
+    (lambda x, w: torch_hpc.conv2d(x[..., :2, :2], w), "smaller than the dilated kernel"),
+    (lambda x, w: torch_hpc.conv2d(x, w, groups=0), "'groups' to be an int >= 1"),
+], ids=["weight-dims", "input-dims", "groups", "bias", "same-strided", "padding-word", "stride",
+        "padding-len", "too-small", "groups-zero"])
+def test_conv_bad_arguments_name_what_was_expected(call, fragment):
+    x, w, _ = _inputs((2, 2, 4, 6, 8, 3, {}), "cpu")
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        call(x, w)
+
+
+def test_conv_traces_under_torch_compile_with_its_backward():
+    x, w, b = _inputs((2, 2, 8, 6, 9, 3, {}), "cpu")
+    compiled = torch.compile(lambda x, w, b: torch_hpc.conv2d(x, w, b, padding=1, stride=2),
+                             backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    eager_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = compiled(*leaves)
+    eager = torch_hpc.conv2d(*eager_leaves, padding=1, stride=2)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    out.sum().backward()
+    eager.sum().backward()
+    for t, e in zip(leaves, eager_leaves):
+        torch.testing.assert_close(t.grad, e.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [{"padding": 1, "groups": 2}, {"padding": "same"}, {"stride": 2}])
+def test_fp32_convolution_fallback_values_and_gradients(kw):
+    """The CUDA fallback's autograd function (TF32 off in forward and backward), run on the CPU
+    here: F.conv2d's values and gradients, bias or not, 'same' with an even kernel."""
+    for bias in (True, False):
+        groups = kw.get("groups", 1)
+        x, w, b = _inputs((2, 2, 4, 6, 8, 2 if kw.get("padding") == "same" else 3, {"groups": groups}),
+                          "cpu", bias=bias)
+        k = w.shape[-1]
+        pads = torch_hpc.conv._pads(kw.get("padding", 0), (k, k), (kw.get("stride", 1),) * 2, (1, 1), 2, "t")
+        leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+        out = torch_hpc.conv._cudnn_fp32(2, *leaves, (kw.get("stride", 1),) * 2, pads, (1, 1), groups)
+        ref_leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+        ref = F.conv2d(*ref_leaves, **kw)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(ref)
+        out.backward(grad)
+        ref.backward(grad)
+        for mine, theirs in zip(leaves, ref_leaves):
+            if mine is not None:
+                torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@requires_cuda
+def test_conv_cuda_routes_cudnn_fp32_or_the_pointwise_gemm():
+    """A 3x3 layer runs cuDNN with TF32 off (even with PyTorch's default allow_tf32 = True):
+    the same values as F.conv2d with TF32 off; the TF32 switch is restored."""
+    x, w, b = _inputs((2, 8, 64, 64, 28, 3, {}), "cuda")
+    assert torch.backends.cudnn.allow_tf32
+    out = torch_hpc.conv2d(x, w, b, padding=1)
+    assert torch.backends.cudnn.allow_tf32
+    close = dict(rtol=1e-5, atol=1e-5)  # TF32 would be off by ~1e-3; cuDNN may use atomics
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), **close)
+    # gradients with TF32 off too, though the backward runs with the switch on
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    torch_hpc.conv2d(*leaves, padding=1).square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        F.conv2d(*ref_leaves, padding=1).square().sum().backward()
+    for mine, theirs in zip(leaves, ref_leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad, **close)
+    big = torch.randn(64, 1024, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    reduce = torch.randn(256, 1024, 1, 1, device="cuda")
+    pointwise = torch_hpc.conv2d(big, reduce)
+    ref = F.conv2d(big.double(), reduce.double())
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert _rel(pointwise, ref) <= _rel(F.conv2d(big, reduce), ref)

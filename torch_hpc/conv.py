@@ -1,0 +1,232 @@
+"""conv1d/conv2d/conv3d with F.conv*d's semantics and fp32 accuracy, as emulated matrix products.
+
+A convolution is a product of the weight, (out_channels, in_channels/groups * kernel), with the
+input's patches (im2col): the patches are gathered with Tensor.unfold and multiplied with
+torch_hpc's emulated product (torch_hpc.linear; torch_hpc.matmul per group), so autograd gives
+the input and weight gradients through the same emulated products, and torch.compile traces
+the ops it is made of.
+
+Where it runs:
+- CPU: the emulated product, every shape (as torch_hpc.mm on CPU).
+- CUDA: pointwise convolutions (kernel 1, stride 1, no padding, groups 1) are exactly a GEMM on
+  the input as it lies (NCHW: weight @ x per sample; channels_last: rows of pixels @ weight^T),
+  with no patch copy; they run the emulated product wherever torch_hpc's GEMM would emulate
+  that size (torch.ops.torch_hpc.emulates, decided from shapes: no host sync). Everything else
+  runs cuDNN in fp32 with TF32 off: gathering patches in memory costs more than it saves on the
+  current kernels (docs/gemm.md), and an implicit-GEMM kernel does not exist yet.
+Tensors that are not float32, and anything under autocast, go to F.conv*d itself.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+_TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> Tensor:
+    """F.conv1d with the emulated product (input (N, C, L) or (C, L))."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> Tensor:
+    """F.conv2d with the emulated product (input (N, C, H, W) or (C, H, W), NCHW or channels_last)."""
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> Tensor:
+    """F.conv3d with the emulated product (input (N, C, D, H, W) or (C, D, H, W))."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _emulated(tensors) -> bool:
+    for t in tensors:
+        if t is not None and (not isinstance(t, Tensor) or t.dtype is not torch.float32):
+            return False
+    return not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def _conv(n, input, weight, bias, stride, padding, dilation, groups):
+    if not _emulated((input, weight, bias)):
+        return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
+    name = f"torch_hpc.conv{n}d"
+    stride, dilation = _ints(stride, n, "stride", name, 1), _ints(dilation, n, "dilation", name, 1)
+    kernel = _check(n, input, weight, bias, groups, name)
+    pads = _pads(padding, kernel, stride, dilation, n, name)
+    batched = input.dim() == n + 2
+    x = input if batched else input.unsqueeze(0)
+    sizes = [(x.shape[2 + d] + pads[d][0] + pads[d][1] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+             for d in range(n)]
+    if min(sizes) < 1:
+        raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
+                         f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
+    if x.is_cuda and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
+        return _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups)
+    out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
+    return out if batched else out.squeeze(0)
+
+
+def _ints(value, n, what, name, least):
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n or not all(isinstance(v, int) and v >= least for v in values):
+        raise ValueError(f"{name}: expected argument '{what}' to be an int >= {least} or {n} of them, "
+                         f"got {value!r}")
+    return values
+
+
+def _check(n, input, weight, bias, groups, name):
+    if not isinstance(input, Tensor) or input.dim() not in (n + 1, n + 2):
+        raise ValueError(f"{name}: expected argument 'input' to be {n + 1}-D (unbatched) or {n + 2}-D "
+                         f"(batch, channels, {n} spatial), got shape {list(getattr(input, 'shape', []))}")
+    if weight.dim() != n + 2:
+        raise ValueError(f"{name}: expected argument 'weight' to be {n + 2}-D (out_channels, "
+                         f"in_channels/groups, {n} kernel sizes), got shape {list(weight.shape)}")
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name}: expected argument '{what}' on the input's device {input.device}, "
+                             f"got {t.device}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{name}: expected argument 'groups' to be an int >= 1, got {groups!r}")
+    channels, out_channels = input.shape[-n - 1], weight.shape[0]
+    if weight.shape[1] * groups != channels or out_channels % groups:
+        raise ValueError(f"{name}: the input has {channels} channels and 'weight' shape "
+                         f"{list(weight.shape)} with groups={groups}: expected in_channels = "
+                         f"weight.shape[1] * groups and out_channels divisible by groups")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(f"{name}: expected argument 'bias' of shape ({out_channels},), got "
+                         f"{list(bias.shape)}")
+    kernel = tuple(weight.shape[2:])
+    if min(kernel, default=1) < 1:
+        raise ValueError(f"{name}: 'weight' has an empty kernel dimension: shape {list(weight.shape)}")
+    return kernel
+
+
+def _pads(padding, kernel, stride, dilation, n, name):
+    """(before, after) zero padding per spatial dimension."""
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
+        total = [dilation[d] * (kernel[d] - 1) for d in range(n)]
+        return [(t // 2, t - t // 2) for t in total]  # the extra one after, as PyTorch does
+    if isinstance(padding, str):
+        raise ValueError(f"{name}: expected argument 'padding' to be 'same', 'valid', an int or "
+                         f"{n} ints, got {padding!r}")
+    return [(p, p) for p in _ints(padding, n, "padding", name, 0)]
+
+
+def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
+    """CUDA: a 1x..x1 convolution that is a plain GEMM large enough for the emulation to win."""
+    if groups != 1 or any(k != 1 for k in kernel) or any(s != 1 for s in stride) \
+            or any(p != (0, 0) for p in pads):
+        return False
+    pixels = math.prod(x.shape[2:])
+    return torch.ops.torch_hpc.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
+
+
+def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
+    padding = [p[0] for p in pads]
+    if any(p[0] != p[1] for p in pads):  # 'same' with an even dilated kernel
+        input = F.pad(input, [v for p in reversed(pads) for v in p])
+        padding = [0] * n
+    return _Fp32Convolution.apply(input, weight, bias, list(stride), padding, list(dilation), groups)
+
+
+class _tf32_off:  # noqa: N801
+    """cuDNN with TF32 off inside (PyTorch's default is on for convolutions); the flag is only
+    touched when it is on."""
+
+    def __enter__(self):
+        self._flags = None
+        if torch.backends.cudnn.allow_tf32:
+            self._flags = torch.backends.cudnn.flags(
+                enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                deterministic=torch.backends.cudnn.deterministic, allow_tf32=False)
+            self._flags.__enter__()
+
+    def __exit__(self, *exc):
+        if self._flags is not None:
+            self._flags.__exit__(*exc)
+        return False
+
+
+class _Fp32Convolution(torch.autograd.Function):
+    """cuDNN's convolution with TF32 off in the forward and in both gradients (the backward
+    runs later, where the global switch may be on again)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(input, weight)
+        ctx.conv = (stride, padding, dilation, groups, None if bias is None else list(bias.shape))
+        with _tf32_off():
+            return _TORCH_CONV[len(stride)](input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, bias_sizes = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
+        with _tf32_off():
+            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, input, weight, bias_sizes, stride, padding, dilation, False,
+                [0] * len(stride), groups, mask)
+        return grad_input, grad_weight, grad_bias if mask[2] else None, None, None, None, None
+
+
+def _channels_last(x, n) -> bool:
+    fmt = _CHANNELS_LAST.get(n)
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes):
+    """The convolution as products of the weight with the input's patches; the output in the
+    input's memory format, as F.conv*d gives it."""
+    batch, channels = x.shape[:2]
+    out_channels = weight.shape[0]
+    channels_last = _channels_last(x, n)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and groups == 1 \
+            and all(p == (0, 0) for p in pads):
+        return _pointwise(n, x, weight, bias)
+    if any(p != (0, 0) for p in pads):
+        x = F.pad(x, [v for p in reversed(pads) for v in p])
+    for d in range(n):  # (B, C, S...) -> (B, C, O..., K...)
+        x = x.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
+        if dilation[d] > 1:
+            x = x[..., ::dilation[d]]
+    patch = (channels // groups) * math.prod(kernel)
+    rows = batch * math.prod(sizes)
+    spatial = list(range(3, 3 + n))
+    taps = list(range(3 + n, 3 + 2 * n))
+    cols = x.reshape(batch, groups, channels // groups, *sizes, *kernel) \
+        .permute(1, 0, *spatial, 2, *taps).reshape(groups, rows, patch)
+    if groups == 1:
+        out = ops.linear(cols[0], weight.reshape(out_channels, patch), bias)  # (rows, out)
+    else:
+        w = weight.reshape(groups, out_channels // groups, patch).transpose(1, 2)
+        out = ops.matmul(cols, w)  # (groups, rows, out/groups)
+        out = out.permute(1, 0, 2).reshape(rows, out_channels)
+        if bias is not None:
+            out = out + bias
+    out = out.reshape(batch, *sizes, out_channels).movedim(-1, 1)  # channels-last strides
+    return out if channels_last else out.contiguous()
+
+
+def _pointwise(n, x, weight, bias):
+    batch, channels = x.shape[:2]
+    w = weight.reshape(weight.shape[0], channels)
+    if _channels_last(x, n):
+        rows = x.movedim(1, -1).reshape(-1, channels)  # a view: pixels x channels
+        return ops.linear(rows, w, bias).reshape(batch, *x.shape[2:], -1).movedim(-1, 1)
+    out = ops.matmul(w, x.reshape(batch, channels, -1))  # (B, out, pixels)
+    if bias is not None:
+        out = out + bias.unsqueeze(-1)
+    return out.reshape(batch, -1, *x.shape[2:])
