@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [gemm benchmark args...]
 #   PARTS="gemm comm" selects what runs (default both): gemm = GEMM tests, memcheck, SASS and
 #   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py;
-#   optim = DistributedOptimizer tests (CUDA model too); train = benchmarks/train.py.
+#   optim = DistributedOptimizer tests (CUDA model too); train = benchmarks/train.py;
+#   conv = convolution tests and benchmarks/conv.py (CONV_ARGS).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
@@ -54,4 +55,9 @@ fi
 
 if [[ " $PARTS " == *" train "* ]]; then
   timeout 900 $PY benchmarks/train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log" | tail -14
+fi
+
+if [[ " $PARTS " == *" conv "* ]]; then
+  $PY -m pytest tests/test_conv.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-conv.log" | tail -6
+  timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:-} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
 fi

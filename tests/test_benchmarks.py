@@ -10,6 +10,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import conv  # noqa: E402
 import gemm  # noqa: E402
 import models  # noqa: E402
 import overhead  # noqa: E402
@@ -80,3 +81,16 @@ def test_train_benchmark_runs_each_config_and_merges_runs(tmp_path):
     async_row = next(r for r in merged["rows"] if r["config"] == "async" and not r["straggler"])
     assert async_row["exchange_bytes_per_step"] > 0
     assert (tmp_path / "train-mlp-2ranks-both.png").exists()
+
+
+def test_conv_benchmark_reports_every_pass_and_accuracy(tmp_path):
+    layers = ["stem 7x7 3->64 s2", "1x1 256->64"]
+    result = conv.main(["--device", "cpu", "--batch", "1", "--scale", "16", "--reps", "3", "--warmup", "1",
+                        "--samples", "1", "--layers", *layers, "--out", str(tmp_path)])
+    assert [r["layer"] for r in result["rows"]] == layers
+    for r in result["rows"]:
+        for method in ("fp32", "torch_hpc"):
+            for p in conv.PASSES:
+                assert r[method][p]["seconds"] > 0 and 0 < r[method][p]["error"] < 1e-5
+    assert set(result["summary"]) == {"fp32", "torch_hpc"}
+    assert (tmp_path / "conv-cpu.png").exists()

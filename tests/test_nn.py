@@ -150,3 +150,24 @@ def test_weight_split_cache_is_bypassed_in_graphs_and_compile():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, lin(2 * x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_emulate_fp32_converts_convolutions(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 8, 3, padding=1),
+        torch.nn.Unflatten(2, (4, 4)), torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        torch.nn.Unflatten(2, (2, 2)), torch.nn.Conv3d(8, 4, (1, 3, 3), padding="same", groups=4),
+    ).to(device)
+    x = torch.randn(2, 3, 16, device=device, generator=generator(device, 5))
+    exact = copy.deepcopy(model).double()(x.double())
+    params = list(model.parameters())
+    torch_hpc.emulate_fp32(model)
+    assert [type(m).__name__ for m in model if "Conv" in type(m).__name__] == ["Conv1d", "Conv2d", "Conv3d"]
+    assert all(type(m).__module__ == "torch_hpc.nn" for m in model if "Conv" in type(m).__name__)
+    assert all(p is q for p, q in zip(params, model.parameters()))
+    got = model(x)
+    assert got.shape == exact.shape and ((got.double() - exact).norm() / exact.norm()).item() < 1e-6
+    got.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -149,3 +149,20 @@ def test_torch_compile_traces_into_the_custom_op():
     with torch_hpc.fp32_emulation(cpu=True):
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(a, b)
     assert torch.equal(compiled, torch.relu(torch_hpc.mm(a, b)) + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convolutions_are_routed(device):
+    g = torch.Generator(device=device).manual_seed(3)
+    x, w, b = (torch.randn(*s, device=device, generator=g) for s in ((2, 4, 10, 10), (6, 4, 3, 3), (6,)))
+    conv = torch.nn.Conv1d(4, 6, 3).to(device)
+    with _mode(device) as mode:
+        out = F.conv2d(x, w, b, padding=1)
+        torch.conv2d(x, w, None, 2)
+        conv(x[:, :, 0])
+        F.conv3d(x.unsqueeze(2), w.unsqueeze(2), stride=1)
+        F.conv2d(x.double(), w.double())  # other dtypes: torch's own
+    assert dict(mode.calls) == {"conv2d": 2, "conv1d": 1, "conv3d": 1}
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert torch.equal(out, torch_hpc.conv2d(x, w, b, padding=1))

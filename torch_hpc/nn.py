@@ -1,7 +1,8 @@
-"""nn drop-ins: an nn.Linear whose product is the emulated fp32 GEMM, and a model converter."""
+"""nn drop-ins: nn.Linear and nn.Conv1d/2d/3d computed with the emulated fp32 product, and a
+model converter."""
 import torch
 
-from . import ops
+from . import conv, ops
 
 _ops = torch.ops.torch_hpc
 
@@ -85,11 +86,45 @@ class _CachedSplitLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
+class _ConvMixin:
+    """nn.Conv*d's forward with torch_hpc.conv*d (padding modes other than zeros pad first,
+    as nn.Conv*d does)."""
+
+    _hpc_conv = None
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return self._hpc_conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._hpc_conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv1d(_ConvMixin, torch.nn.Conv1d):
+    """torch.nn.Conv1d computed with torch_hpc.conv1d (same parameters and state_dict)."""
+    _hpc_conv = staticmethod(conv.conv1d)
+
+
+class Conv2d(_ConvMixin, torch.nn.Conv2d):
+    """torch.nn.Conv2d computed with torch_hpc.conv2d (same parameters and state_dict)."""
+    _hpc_conv = staticmethod(conv.conv2d)
+
+
+class Conv3d(_ConvMixin, torch.nn.Conv3d):
+    """torch.nn.Conv3d computed with torch_hpc.conv3d (same parameters and state_dict)."""
+    _hpc_conv = staticmethod(conv.conv3d)
+
+
+_CONVERTED = {torch.nn.Linear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d,
+              torch.nn.Conv3d: Conv3d}
+
+
 def emulate_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """Makes every exact torch.nn.Linear in `model` (subclasses are left alone) a
-    torch_hpc.nn.Linear, in place: the modules, their Parameters and hooks stay the same
-    objects, so optimizers built before keep working. Idempotent; returns `model`."""
+    """Makes every exact torch.nn.Linear and nn.Conv1d/2d/3d in `model` (subclasses are left
+    alone) its torch_hpc.nn counterpart, in place: the modules, their Parameters and hooks stay
+    the same objects, so optimizers built before keep working. Idempotent; returns `model`."""
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = Linear
+        converted = _CONVERTED.get(type(module))
+        if converted is not None:
+            module.__class__ = converted
     return model

@@ -9,8 +9,8 @@ tensor-core emulation, like torch.backends.cuda.matmul.allow_tf32 switches to TF
             ...
 
 Routed: torch.mm, torch.matmul and `@`, torch.bmm, torch.addmm, torch.baddbmm, F.linear (also as
-Tensor methods), when every matrix operand is a float32 tensor on a routed device and autocast is
-off; anything else (other dtypes, out=, autocast) runs the ordinary op. Autograd works (the
+Tensor methods), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for where convolutions run),
+when every matrix operand is a float32 tensor on a routed device and autocast is off; anything else (other dtypes, out=, autocast) runs the ordinary op. Autograd works (the
 backward products are emulated too). Under torch.compile the mode is traced: compiled graphs
 call the torch_hpc custom ops.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import ops
+from . import conv, ops
 
 _state = threading.local()
 
@@ -85,6 +85,13 @@ def _linear_operands(args, kwargs):
     return None
 
 
+def _conv_operands(args, kwargs):
+    if len(args) >= 2 and kwargs.keys() <= {"bias", "stride", "padding", "dilation", "groups"}:
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return args[:2] if bias is None else (args[0], args[1], bias)
+    return None
+
+
 _ROUTES = {}
 for _funcs, _route in (
         ((torch.mm, torch.Tensor.mm), ("mm", ops.mm, _two)),
@@ -92,7 +99,10 @@ for _funcs, _route in (
         ((torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__), ("matmul", ops.matmul, _two)),
         ((torch.addmm, torch.Tensor.addmm), ("addmm", _addmm, _three_scaled)),
         ((torch.baddbmm, torch.Tensor.baddbmm), ("baddbmm", _baddbmm, _three_scaled)),
-        ((F.linear,), ("linear", ops.linear, _linear_operands))):
+        ((F.linear,), ("linear", ops.linear, _linear_operands)),
+        ((F.conv1d, torch.conv1d), ("conv1d", conv.conv1d, _conv_operands)),
+        ((F.conv2d, torch.conv2d), ("conv2d", conv.conv2d, _conv_operands)),
+        ((F.conv3d, torch.conv3d), ("conv3d", conv.conv3d, _conv_operands))):
     for _f in _funcs:
         _ROUTES[_f] = _route
 

@@ -1,0 +1,255 @@
+"""Convolution speed and accuracy: torch_hpc.conv2d against cuDNN fp32 (TF32 off), TF32 and fp16
+(channels_last), on every convolution shape of ResNet-50 (torchvision v1.5: stride on the 3x3),
+forward, input gradient and weight gradient, measured in the same run.
+
+    python benchmarks/conv.py                   # batch 64, 224x224, on the GPU
+    python benchmarks/conv.py --device cpu --batch 2 --size 32 --reps 2   # a quick CPU check
+
+Effective TFLOP/s count the direct convolution's 2*N*Cout*Hout*Wout*Cin/groups*kh*kw flops for
+each pass; times are medians of --reps calls (CUDA events) after warm-up, the three methods of a
+pass interleaved in rounds. Error is ||y - y64|| / ||y64|| of the forward output (and of both
+gradients) on the first samples of the batch, fresh N(0,1) inputs. The summary weights each
+layer by how often ResNet-50 uses it. Writes a table, JSON and a PNG.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import torch_hpc
+
+# (name, in, out, kernel, stride, input size at 224, count in ResNet-50)
+RESNET50 = [
+    ("stem 7x7 3->64 s2", 3, 64, 7, 2, 224, 1),
+    ("1x1 64->64", 64, 64, 1, 1, 56, 1),
+    ("3x3 64->64", 64, 64, 3, 1, 56, 3),
+    ("1x1 64->256", 64, 256, 1, 1, 56, 4),
+    ("1x1 256->64", 256, 64, 1, 1, 56, 2),
+    ("1x1 256->128", 256, 128, 1, 1, 56, 1),
+    ("3x3 128->128 s2", 128, 128, 3, 2, 56, 1),
+    ("3x3 128->128", 128, 128, 3, 1, 28, 3),
+    ("1x1 128->512", 128, 512, 1, 1, 28, 4),
+    ("1x1 256->512 s2", 256, 512, 1, 2, 56, 1),
+    ("1x1 512->128", 512, 128, 1, 1, 28, 3),
+    ("1x1 512->256", 512, 256, 1, 1, 28, 1),
+    ("3x3 256->256 s2", 256, 256, 3, 2, 28, 1),
+    ("3x3 256->256", 256, 256, 3, 1, 14, 5),
+    ("1x1 256->1024", 256, 1024, 1, 1, 14, 6),
+    ("1x1 512->1024 s2", 512, 1024, 1, 2, 28, 1),
+    ("1x1 1024->256", 1024, 256, 1, 1, 14, 5),
+    ("1x1 1024->512", 1024, 512, 1, 1, 14, 1),
+    ("3x3 512->512 s2", 512, 512, 3, 2, 14, 1),
+    ("3x3 512->512", 512, 512, 3, 1, 7, 2),
+    ("1x1 512->2048", 512, 2048, 1, 1, 7, 3),
+    ("1x1 1024->2048 s2", 1024, 2048, 1, 2, 14, 1),
+    ("1x1 2048->512", 2048, 512, 1, 1, 7, 2),
+]
+METHODS = ["fp32", "tf32", "fp16", "torch_hpc"]
+LABELS = {"fp32": "cuDNN fp32 (TF32 off)", "tf32": "cuDNN TF32", "fp16": "fp16 channels_last",
+          "torch_hpc": "torch_hpc.conv2d"}
+PASSES = ["forward", "input grad", "weight grad"]
+
+
+def conv_call(method):
+    if method == "torch_hpc":
+        return torch_hpc.conv2d
+    return F.conv2d
+
+
+def prepare(layer, method, batch, scale, device, seed):
+    name, cin, cout, k, stride, size, _ = layer
+    size = max(k, size // scale)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, cin, size, size, device=device, generator=g)
+    w = torch.randn(cout, cin, k, k, device=device, generator=g) / math.sqrt(cin * k * k)
+    if method == "fp16":
+        x = x.half().contiguous(memory_format=torch.channels_last)
+        w = w.half().contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(), w.requires_grad_(), {"stride": stride, "padding": k // 2}
+
+
+def flops(x, w, y):
+    return 2.0 * y.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def pass_fn(method, passname, x, w, kw):
+    fn = conv_call(method)
+    if passname == "forward":
+        return lambda: fn(x, w, None, **kw)
+    y = fn(x, w, None, **kw)
+    grad = torch.randn_like(y)
+    target = x if passname == "input grad" else w
+    return lambda: torch.autograd.grad(y, target, grad, retain_graph=True)
+
+
+def timed(fn, device, reps):
+    if device == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def accuracy(layer, method, batch, scale, device, seed, samples):
+    """Normwise errors vs fp64 of the output and both gradients on the first samples."""
+    x, w, kw = prepare(layer, method, batch, scale, device, seed)
+    x = x.detach()[:samples].float().contiguous().requires_grad_()
+    w = w.detach().float().contiguous().requires_grad_()
+    if method == "fp16":
+        x, w = x.half().requires_grad_(), w.half().requires_grad_()
+    y = conv_call(method)(x, w, None, **kw)
+    grad = torch.randn(y.shape, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1))
+    gx, gw = torch.autograd.grad(y, (x, w), grad.to(y.dtype))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w64, None, **kw)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
+    rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()  # noqa: E731
+    return {"forward": rel(y, y64), "input grad": rel(gx, gx64), "weight grad": rel(gw, gw64)}
+
+
+def bench_layer(layer, args, device):
+    row = {"layer": layer[0], "count": layer[6]}
+    methods = [m for m in args.methods if device == "cuda" or m in ("fp32", "torch_hpc")]
+    for passname in PASSES:
+        fns, work = {}, None
+        for method in methods:
+            x, w, kw = prepare(layer, method, args.batch, args.scale, device, args.seed)
+            torch.backends.cudnn.allow_tf32 = method == "tf32"
+            fns[method] = pass_fn(method, passname, x, w, kw)
+            timed(fns[method], device, args.warmup)
+            if work is None:
+                with torch.no_grad():
+                    work = flops(x, w, conv_call(method)(x, w, None, **kw))
+        samples = {m: [] for m in methods}
+        rounds = 3
+        for _ in range(rounds):
+            for method in methods:
+                torch.backends.cudnn.allow_tf32 = method == "tf32"
+                samples[method] += timed(fns[method], device, max(1, args.reps // rounds))
+        torch.backends.cudnn.allow_tf32 = False
+        for method in methods:
+            seconds = statistics.median(samples[method])
+            row.setdefault(method, {})[passname] = {"seconds": seconds, "tflops": work / seconds / 1e12}
+        del fns
+    for method in methods:
+        torch.backends.cudnn.allow_tf32 = method == "tf32"
+        errors = accuracy(layer, method, args.batch, args.scale, device, args.seed, args.samples)
+        torch.backends.cudnn.allow_tf32 = False
+        for passname in PASSES:
+            row[method][passname]["error"] = errors[passname]
+    return row
+
+
+def summarize(rows, methods):
+    """Per method: time of the whole network's convolutions (each layer times its count), forward
+    + both gradients, as a ratio to cuDNN fp32; and the slowest layer's ratio."""
+    out = {}
+    total = lambda r, m: sum(r[m][p]["seconds"] for p in PASSES)  # noqa: E731
+    base = sum(r["count"] * total(r, "fp32") for r in rows)
+    for m in methods:
+        if not all(m in r for r in rows):
+            continue
+        mine = sum(r["count"] * total(r, m) for r in rows)
+        per_layer = [total(r, "fp32") / total(r, m) for r in rows]
+        out[m] = {"speedup_vs_fp32_all_layers": base / mine, "slowest_layer_vs_fp32": min(per_layer),
+                  "slowest_layer": rows[per_layer.index(min(per_layer))]["layer"]}
+    return out
+
+
+def print_table(rows, methods, out=sys.stdout):
+    present = [m for m in methods if all(m in r for r in rows)]
+    print(f"{'layer':>20} {'pass':>12} | " + " | ".join(f"{LABELS[m]:>26}" for m in present), file=out)
+    for r in rows:
+        for p in PASSES:
+            cells = [f"{r[m][p]['tflops']:7.3g} TF/s err {r[m][p]['error']:.1e}" for m in present]
+            print(f"{r['layer']:>20} {p:>12} | " + " | ".join(f"{c:>26}" for c in cells), file=out)
+
+
+def plot(rows, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
+    present = [m for m in methods if m != "fp32" and all(m in r for r in rows)]
+    for ax, p in zip(axes, PASSES):
+        for i, m in enumerate(present):
+            ratios = [r["fp32"][p]["seconds"] / r[m][p]["seconds"] for r in rows]
+            ax.bar([j + 0.8 * i / len(present) for j in range(len(rows))], ratios, 0.8 / len(present), label=LABELS[m])
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=6)
+        ax.set_title(f"{p}: speed vs cuDNN fp32", fontsize=9)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--scale", type=int, default=1, help="divide every input size by this (quick runs)")
+    p.add_argument("--layers", nargs="*", help="names of RESNET50 layers (default: all)")
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--samples", type=int, default=4, help="batch samples the accuracy uses")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    device = args.device
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    layers = [layer for layer in RESNET50 if not args.layers or layer[0] in args.layers]
+    card = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    print(f"# ResNet-50 convolutions, batch {args.batch}, input {224 // args.scale}, on {card}, "
+          f"torch {torch.__version__}, {datetime.date.today()}", flush=True)
+    rows, tf32 = [], torch.backends.cudnn.allow_tf32
+    try:
+        for i, layer in enumerate(layers):
+            print(f"[{i + 1}/{len(layers)}] {layer[0]} ...", file=sys.stderr, flush=True)
+            rows.append(bench_layer(layer, args, device))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    print_table(rows, args.methods)
+    summary = summarize(rows, args.methods)
+    print(f"\nsummary (forward + both gradients, layers weighted by their count): {json.dumps(summary, indent=1)}")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"conv-{device}{'-' + args.tag if args.tag else ''}")
+    meta = {"card": card, "device": device, "torch": torch.__version__, "date": str(datetime.date.today()),
+            "command": " ".join(["python", sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
+            **vars(args)}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
+    plot(rows, args.methods, stem + ".png", f"ResNet-50 convolutions, batch {args.batch}, {card}, {meta['date']}")
+    print(f"wrote {stem}.json and {stem}.png")
+    return {"rows": rows, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()
