@@ -142,7 +142,7 @@ def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
 
 class _tf32_off:  # noqa: N801
     """cuDNN with TF32 off inside (PyTorch's default is on for convolutions); the flag is only
-    touched when it is on."""
+    touched when it is on (convolution_backward has no argument for it)."""
 
     def __enter__(self):
         self._flags = None
@@ -166,8 +166,10 @@ class _Fp32Convolution(torch.autograd.Function):
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(input, weight)
         ctx.conv = (stride, padding, dilation, groups, None if bias is None else list(bias.shape))
-        with _tf32_off():
-            return _TORCH_CONV[len(stride)](input, weight, bias, stride, padding, dilation, groups)
+        cudnn = torch.backends.cudnn
+        return torch.ops.aten._convolution(  # TF32 off as an argument: no global switch touched
+            input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups,
+            cudnn.benchmark, cudnn.deterministic, cudnn.enabled, False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
