@@ -3,13 +3,17 @@
 forward, input gradient and weight gradient, measured in the same run.
 
     python benchmarks/conv.py                   # batch 64, 224x224, on the GPU
-    python benchmarks/conv.py --device cpu --batch 2 --size 32 --reps 2   # a quick CPU check
+    python benchmarks/conv.py --device cpu --batch 2 --scale 8 --reps 2   # a quick CPU check
+    python benchmarks/conv.py --networks resnet50 superres --layers        # whole training steps only
 
 Effective TFLOP/s count the direct convolution's 2*N*Cout*Hout*Wout*Cin/groups*kh*kw flops for
 each pass; times are medians of --reps calls (CUDA events) after warm-up, the three methods of a
 pass interleaved in rounds. Error is ||y - y64|| / ||y64|| of the forward output (and of both
 gradients) on the first samples of the batch, fresh N(0,1) inputs. The summary weights each
-layer by how often ResNet-50 uses it. Writes a table, JSON and a PNG.
+layer by how often ResNet-50 uses it. --networks times whole training steps (forward, backward,
+SGD) of ResNet-50 (written here, torchvision's v1.5 layout) and of the in-situ super-resolution
+example's CNN, in fp32 (TF32 off), TF32 and after torch_hpc.emulate_fp32(model). Writes a table,
+JSON and a PNG.
 """
 import argparse
 import datetime
@@ -23,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import torch_hpc
 
@@ -159,6 +164,83 @@ def bench_layer(layer, args, device):
     return row
 
 
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.skip(x))
+
+
+def resnet50(classes=1000):
+    layers, cin = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                   nn.MaxPool2d(3, 2, 1)], 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
+            cin = 4 * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+def network(name, batch, scale, device):
+    """(model, input, loss function) for a whole-network step."""
+    g = torch.Generator(device=device).manual_seed(0)
+    if name == "resnet50":
+        size = max(32, 224 // scale)
+        x = torch.randn(batch, 3, size, size, device=device, generator=g)
+        y = torch.randint(0, 1000, (batch,), device=device, generator=g)
+        return resnet50().to(device), x, lambda out: F.cross_entropy(out, y)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from insitu_superres import SuperResolution
+    size = max(16, 256 // scale)
+    x = torch.randn(batch, size, size, device=device, generator=g)
+    target = torch.randn(batch, size, size, device=device, generator=g)
+    return SuperResolution().to(device), x, lambda out: F.mse_loss(out, target)
+
+
+def network_step(name, precision, args, device):
+    """Median seconds of a training step, after warm-up."""
+    torch.manual_seed(0)
+    model, x, loss_fn = network(name, args.batch, args.scale, device)
+    if precision == "torch_hpc":
+        torch_hpc.emulate_fp32(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seconds = []
+    try:
+        for i in range(args.warmup + args.reps):
+            sync()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x)).backward()
+            opt.step()
+            sync()
+            if i >= args.warmup:
+                seconds.append(time.perf_counter() - t0)
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    return statistics.median(seconds)
+
+
+def bench_networks(args, device):
+    precisions = ["fp32", "tf32", "torch_hpc"] if device == "cuda" else ["fp32", "torch_hpc"]
+    out = {}
+    for name in args.networks:
+        times = {p: network_step(name, p, args, device) for p in precisions}
+        out[name] = {p: {"ms_per_step": 1e3 * t, "speedup_vs_fp32": times["fp32"] / t} for p, t in times.items()}
+        print(f"{name}: " + ", ".join(f"{p} {1e3 * t:.2f} ms/step ({times['fp32'] / t:.2f}x fp32)"
+                                      for p, t in times.items()), flush=True)
+    return out
+
+
 def summarize(rows, methods):
     """Per method: time of the whole network's convolutions (each layer times its count), forward
     + both gradients, as a ratio to cuDNN fp32; and the slowest layer's ratio."""
@@ -211,7 +293,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--scale", type=int, default=1, help="divide every input size by this (quick runs)")
-    p.add_argument("--layers", nargs="*", help="names of RESNET50 layers (default: all)")
+    p.add_argument("--layers", nargs="*", default=None,
+                   help="names of RESNET50 layers (default: all; the flag alone: none)")
+    p.add_argument("--networks", nargs="*", default=[], choices=["resnet50", "superres"],
+                   help="also time whole training steps of these networks")
     p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -223,7 +308,7 @@ def main(argv=None):
     device = args.device
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    layers = [layer for layer in RESNET50 if not args.layers or layer[0] in args.layers]
+    layers = [layer for layer in RESNET50 if args.layers is None or layer[0] in args.layers]
     card = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
     print(f"# ResNet-50 convolutions, batch {args.batch}, input {224 // args.scale}, on {card}, "
           f"torch {torch.__version__}, {datetime.date.today()}", flush=True)
@@ -236,19 +321,23 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    print_table(rows, args.methods)
-    summary = summarize(rows, args.methods)
-    print(f"\nsummary (forward + both gradients, layers weighted by their count): {json.dumps(summary, indent=1)}")
+    summary = {}
+    if rows:
+        print_table(rows, args.methods)
+        summary = summarize(rows, args.methods)
+        print(f"\nsummary (forward + both gradients, layers weighted by their count): {json.dumps(summary, indent=1)}")
+    networks = bench_networks(args, device) if args.networks else {}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"conv-{device}{'-' + args.tag if args.tag else ''}")
     meta = {"card": card, "device": device, "torch": torch.__version__, "date": str(datetime.date.today()),
             "command": " ".join(["python", sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
             **vars(args)}
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
-    plot(rows, args.methods, stem + ".png", f"ResNet-50 convolutions, batch {args.batch}, {card}, {meta['date']}")
-    print(f"wrote {stem}.json and {stem}.png")
-    return {"rows": rows, "summary": summary}
+        json.dump({"meta": meta, "summary": summary, "rows": rows, "networks": networks}, f, indent=1)
+    if rows:
+        plot(rows, args.methods, stem + ".png", f"ResNet-50 convolutions, batch {args.batch}, {card}, {meta['date']}")
+    print(f"wrote {stem}.json{' and ' + stem + '.png' if rows else ''}")
+    return {"rows": rows, "summary": summary, "networks": networks}
 
 
 if __name__ == "__main__":

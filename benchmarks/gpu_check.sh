@@ -59,5 +59,5 @@ fi
 
 if [[ " $PARTS " == *" conv "* ]]; then
   $PY -m pytest tests/test_conv.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-conv.log" | tail -6
-  timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:-} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
+  timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:---networks resnet50 superres} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
 fi

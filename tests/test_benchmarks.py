@@ -94,3 +94,12 @@ def test_conv_benchmark_reports_every_pass_and_accuracy(tmp_path):
                 assert r[method][p]["seconds"] > 0 and 0 < r[method][p]["error"] < 1e-5
     assert set(result["summary"]) == {"fp32", "torch_hpc"}
     assert (tmp_path / "conv-cpu.png").exists()
+
+
+def test_conv_benchmark_whole_network_steps(tmp_path):
+    result = conv.main(["--device", "cpu", "--batch", "2", "--scale", "8", "--reps", "1", "--warmup", "1",
+                        "--layers", "--networks", "resnet50", "superres", "--out", str(tmp_path)])
+    assert result["rows"] == [] and set(result["networks"]) == {"resnet50", "superres"}
+    for times in result["networks"].values():
+        assert set(times) == {"fp32", "torch_hpc"} and all(t["ms_per_step"] > 0 for t in times.values())
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in conv.resnet50().modules()) == 53
