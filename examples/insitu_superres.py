@@ -123,7 +123,8 @@ def main(argv=None):
     p.add_argument("--buffer", type=int, default=64, help="frames kept for training")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--mode", choices=["sync", "async"], default="async")
-    p.add_argument("--emulate-fp32", action="store_true", help="matrix products via torch_hpc")
+    p.add_argument("--emulate-fp32", action="store_true",
+                   help="matrix products and convolutions via torch_hpc (on CPU: slow, exact-ish)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a GPU per local rank if there are enough, else the CPU")
     p.add_argument("--eval-frames", type=int, default=40)
