@@ -68,8 +68,9 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups):
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
-        return _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups)
-    out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
+        out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups)
+    else:
+        out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
     return out if batched else out.squeeze(0)
 
 
