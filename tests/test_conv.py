@@ -151,8 +151,9 @@ def test_conv_other_dtypes_and_autocast_go_to_torch():
     (lambda x, w: torch_hpc.conv2d(x, w, padding=(1, 2, 3)), "'padding' to be an int >= 0 or 2"),
     (lambda x, w: torch_hpc.conv2d(x[..., :2, :2], w), "smaller than the dilated kernel"),
     (lambda x, w: torch_hpc.conv2d(x, w, groups=0), "'groups' to be an int >= 1"),
+    (lambda x, w: torch_hpc.conv2d(x, w, dilation=1.5), "'dilation' to be an int >= 1"),
 ], ids=["weight-dims", "input-dims", "groups", "bias", "same-strided", "padding-word", "stride",
-        "padding-len", "too-small", "groups-zero"])
+        "padding-len", "too-small", "groups-zero", "dilation-float"])
 def test_conv_bad_arguments_name_what_was_expected(call, fragment):
     x, w, _ = _inputs((2, 2, 4, 6, 8, 3, {}), "cpu")
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

@@ -75,7 +75,7 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups):
 
 
 def _ints(value, n, what, name, least):
-    values = (value,) * n if isinstance(value, int) else tuple(value)
+    values = (value,) * n if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(values) != n or not all(isinstance(v, int) and v >= least for v in values):
         raise ValueError(f"{name}: expected argument '{what}' to be an int >= {least} or {n} of them, "
                          f"got {value!r}")
