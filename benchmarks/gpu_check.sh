@@ -4,7 +4,8 @@
 #   PARTS="gemm comm" selects what runs (default both): gemm = GEMM tests, memcheck, SASS and
 #   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py;
 #   optim = DistributedOptimizer tests (CUDA model too); train = benchmarks/train.py;
-#   conv = convolution tests and benchmarks/conv.py (CONV_ARGS).
+#   conv = convolution tests and benchmarks/conv.py (CONV_ARGS); ncu = Nsight Compute on one
+#   8192^3 torch_hpc.mm (split and GEMM kernels: speed of light, pipes, stalls; NCU_SHAPE=MxNxK).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
@@ -60,4 +61,20 @@ fi
 if [[ " $PARTS " == *" conv "* ]]; then
   $PY -m pytest tests/test_conv.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-conv.log" | tail -6
   timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:---networks resnet50 superres} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
+fi
+
+if [[ " $PARTS " == *" ncu "* ]]; then
+  IFS=x read -r M N K <<< "${NCU_SHAPE:-8192x8192x8192}"
+  # the third call's kernels (the first two warm up); clocks left alone
+  timeout 400 ncu --clock-control none --kernel-name regex:'split_|gemm_sm|fallback' --launch-skip 6 --launch-count 6 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    $PY -c "
+import torch, torch_hpc
+a = torch.randn($M, $K, device='cuda'); b = torch.randn($K, $N, device='cuda')
+for _ in range(4):
+    torch_hpc.mm(a, b)
+torch.cuda.synchronize()
+" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
+  grep -E '^  [a-z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occupancy' "$OUT/ncu.txt" | head -60
 fi
