@@ -196,6 +196,16 @@ def test_fp32_convolution_fallback_values_and_gradients(kw):
         for mine, theirs in zip(leaves, ref_leaves):
             if mine is not None:
                 torch.testing.assert_close(mine.grad, theirs.grad)
+    # double backward (a gradient penalty): differentiable gradients
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w)]
+    for (xs, ws), mine in ((leaves, True), (ref_leaves, False)):
+        out = torch_hpc.conv._cudnn_fp32(2, xs, ws, None, (1, 1), [(1, 1), (1, 1)], (1, 1), groups) if mine \
+            else F.conv2d(xs, ws, None, padding=1, groups=groups)
+        (gx,) = torch.autograd.grad(out.square().sum(), xs, create_graph=True)
+        gx.square().sum().backward()
+    torch.testing.assert_close(leaves[1].grad, ref_leaves[1].grad)
+    torch.testing.assert_close(leaves[0].grad, ref_leaves[0].grad)
 
 
 @requires_cuda

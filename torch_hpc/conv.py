@@ -173,15 +173,27 @@ class _Fp32Convolution(torch.autograd.Function):
             cudnn.benchmark, cudnn.deterministic, cudnn.enabled, False)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
         stride, padding, dilation, groups, bias_sizes = ctx.conv
+        n = len(stride)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
-        with _tf32_off():
-            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, input, weight, bias_sizes, stride, padding, dilation, False,
-                [0] * len(stride), groups, mask)
+        grad_input = grad_weight = grad_bias = None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
+            wanted = [t for t, m in zip((input, weight), mask) if m]
+            if wanted:
+                with _tf32_off():
+                    out = _TORCH_CONV[n](input, weight, None, stride, padding, dilation, groups)
+                    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+                grad_input = next(grads) if mask[0] else None
+                grad_weight = next(grads) if mask[1] else None
+            if mask[2]:
+                grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
+        else:
+            with _tf32_off():
+                grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                    grad, input, weight, bias_sizes, stride, padding, dilation, False,
+                    [0] * n, groups, mask)
         return grad_input, grad_weight, grad_bias if mask[2] else None, None, None, None, None
 
 
