@@ -319,14 +319,15 @@ def main(argv=None):
             rows.append(bench_layer(layer, args, device))
             if device == "cuda":
                 torch.cuda.empty_cache()
+        summary = {}
+        if rows:
+            print_table(rows, args.methods)
+            summary = summarize(rows, args.methods)
+            print(f"\nsummary (forward + both gradients, layers weighted by their count): "
+                  f"{json.dumps(summary, indent=1)}")
+        networks = bench_networks(args, device) if args.networks else {}
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    summary = {}
-    if rows:
-        print_table(rows, args.methods)
-        summary = summarize(rows, args.methods)
-        print(f"\nsummary (forward + both gradients, layers weighted by their count): {json.dumps(summary, indent=1)}")
-    networks = bench_networks(args, device) if args.networks else {}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"conv-{device}{'-' + args.tag if args.tag else ''}")
     meta = {"card": card, "device": device, "torch": torch.__version__, "date": str(datetime.date.today()),

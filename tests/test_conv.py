@@ -213,15 +213,16 @@ def test_conv_cuda_routes_cudnn_fp32_or_the_pointwise_gemm():
     """A 3x3 layer runs cuDNN with TF32 off (even with PyTorch's default allow_tf32 = True):
     the same values as F.conv2d with TF32 off; the TF32 switch is restored."""
     x, w, b = _inputs((2, 8, 64, 64, 28, 3, {}), "cuda")
-    assert torch.backends.cudnn.allow_tf32
-    out = torch_hpc.conv2d(x, w, b, padding=1)
-    assert torch.backends.cudnn.allow_tf32
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):  # PyTorch's default
+        out = torch_hpc.conv2d(x, w, b, padding=1)
+        assert torch.backends.cudnn.allow_tf32
     close = dict(rtol=1e-5, atol=1e-5)  # TF32 would be off by ~1e-3; cuDNN may use atomics
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), **close)
     # gradients with TF32 off too, though the backward runs with the switch on
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    torch_hpc.conv2d(*leaves, padding=1).square().sum().backward()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        torch_hpc.conv2d(*leaves, padding=1).square().sum().backward()
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         F.conv2d(*ref_leaves, padding=1).square().sum().backward()
