@@ -228,9 +228,14 @@ def test_conv_cuda_routes_cudnn_fp32_or_the_pointwise_gemm():
         F.conv2d(*ref_leaves, padding=1).square().sum().backward()
     for mine, theirs in zip(leaves, ref_leaves):
         torch.testing.assert_close(mine.grad, theirs.grad, **close)
+    # A large pointwise layer (ResNet-50's 1x1 1024->2048 at 14x14, batch 64) is the GEMM itself
     big = torch.randn(64, 1024, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
-    reduce = torch.randn(256, 1024, 1, 1, device="cuda")
-    pointwise = torch_hpc.conv2d(big, reduce)
-    ref = F.conv2d(big.double(), reduce.double())
+    expand = torch.randn(2048, 1024, 1, 1, device="cuda") / 32
+    assert torch.ops.torch_hpc.emulates(big, 1, 64 * 14 * 14, 2048, 1024)
+    pointwise = torch_hpc.conv2d(big, expand)
+    assert pointwise.is_contiguous(memory_format=torch.channels_last)
+    rows = big.movedim(1, -1).reshape(-1, 1024)
+    assert torch.equal(pointwise.movedim(1, -1).reshape(-1, 2048), torch_hpc.linear(rows, expand.view(2048, 1024)))
+    ref = F.conv2d(big.double(), expand.double())
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        assert _rel(pointwise, ref) <= _rel(F.conv2d(big, reduce), ref)
+        assert _rel(pointwise, ref) <= _rel(F.conv2d(big, expand), ref)
