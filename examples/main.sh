@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, train the digits example under mpirun (asynchronous DistributedOptimizer
-# over MPI RMA; a GPU per rank where there are enough, else CPU), then the GEMM accuracy/speed table for the device
-# at hand, then a short summary. Results (JSON/PNG) go to benchmarks/results/local/.
+# over MPI RMA; a GPU per rank where there are enough, else CPU), then the GEMM accuracy/speed
+# table for the device at hand, then a short summary. Results (JSON/PNG) go to benchmarks/results/local/.
 #   RANKS=N overrides the number of ranks (default 4 where there are 4 cores, else 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
