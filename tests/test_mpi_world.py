@@ -79,8 +79,10 @@ def test_mpiexec_command_runs_this_interpreter_whatever_path_says(tmp_path):
         fake.write_text("#!/bin/sh\necho 'the wrong interpreter ran' >&2\nexit 3\n")
         fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    code = "import sys, torch_hpc; print('RANK_RAN', sys.executable)"
+    # one write per rank: print() writes its pieces separately when unbuffered, and the two
+    # ranks' pieces can interleave in mpiexec's merged stdout
+    code = "import sys, torch_hpc; sys.stdout.write('RANK_RAN=' + sys.executable + '\\n')"
     proc = subprocess.run(mpiexec_command(2, python=True) + ["-c", code], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count(f"RANK_RAN {sys.executable}") == 2, proc.stdout
+    assert proc.stdout.count(f"RANK_RAN={sys.executable}\n") == 2, proc.stdout
