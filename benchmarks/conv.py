@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_hpc
+from gemm import time_torch
 
 # (name, in, out, kernel, stride, input size at 224, count in ResNet-50)
 RESNET50 = [
@@ -95,25 +96,6 @@ def pass_fn(method, passname, x, w, kw):
     return lambda: torch.autograd.grad(y, target, grad, retain_graph=True)
 
 
-def timed(fn, device, reps):
-    if device == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        torch.cuda.synchronize()
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def accuracy(layer, method, batch, scale, device, seed, samples):
     """Normwise errors vs fp64 of the output and both gradients on the first samples."""
     x, w, kw = prepare(layer, method, batch, scale, device, seed)
@@ -140,7 +122,7 @@ def bench_layer(layer, args, device):
             x, w, kw = prepare(layer, method, args.batch, args.scale, device, args.seed)
             torch.backends.cudnn.allow_tf32 = method == "tf32"
             fns[method] = pass_fn(method, passname, x, w, kw)
-            timed(fns[method], device, args.warmup)
+            time_torch(fns[method], [()], device, args.warmup)
             if work is None:
                 with torch.no_grad():
                     work = flops(x, w, conv_call(method)(x, w, None, **kw))
@@ -149,7 +131,7 @@ def bench_layer(layer, args, device):
         for _ in range(rounds):
             for method in methods:
                 torch.backends.cudnn.allow_tf32 = method == "tf32"
-                samples[method] += timed(fns[method], device, max(1, args.reps // rounds))
+                samples[method] += time_torch(fns[method], [()], device, max(1, args.reps // rounds))
         torch.backends.cudnn.allow_tf32 = False
         for method in methods:
             seconds = statistics.median(samples[method])
