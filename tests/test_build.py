@@ -68,7 +68,8 @@ def test_editable_install_works_offline(tmp_path):
     site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                               capture_output=True, text=True, check=True).stdout.strip()
     Path(site_dir, "parent_venv.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")))
-    env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS="", TORCH_HPC_NO_MPI="1", MAX_JOBS="2",
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # else the checkout shadows the copy
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS="", TORCH_HPC_NO_MPI="1", MAX_JOBS="2",
                PIP_DISABLE_PIP_VERSION_CHECK="1")
     proc = subprocess.run([str(python), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                            "-e", str(src)], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -138,6 +138,8 @@ def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
     if any(p[0] != p[1] for p in pads):  # 'same' with an even dilated kernel
         input = F.pad(input, [v for p in reversed(pads) for v in p])
         padding = [0] * n
+    if torch.is_grad_enabled():
+        input, weight, bias = _tapped(input), _tapped(weight), _tapped(bias)
     return _Fp32Convolution.apply(input, weight, bias, list(stride), padding, list(dilation), groups)
 
 
@@ -159,6 +161,24 @@ class _tf32_off:  # noqa: N801
         return False
 
 
+def _wanted_grads(ctx) -> list[bool]:
+    """Which of (input, weight, bias) this backward pass needs: autograd.grad(y, x) asks for the
+    input's alone, as torch's own convolution backward computes it (not merely every input that
+    requires grad, which would double the work)."""
+    edges = list(ctx.next_functions) + [(None, 0)] * 3  # one per tensor argument: none for bias=None
+    try:
+        return [bool(needed) and node is not None and torch._C._will_engine_execute_node(node)
+                for needed, (node, _) in zip(ctx.needs_input_grad[:3], edges[:3])]
+    except RuntimeError:  # outside the engine (a compiler tracing the backward)
+        return [bool(needed) for needed in ctx.needs_input_grad[:3]]
+
+
+def _tapped(t):
+    """A leaf that requires grad, seen through a view: the engine can say whether a backward
+    pass needs the view's node (it cannot for a leaf under autograd.grad)."""
+    return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
+
+
 class _Fp32Convolution(torch.autograd.Function):
     """cuDNN's convolution with TF32 off in the forward and in both gradients (the backward
     runs later, where the global switch may be on again)."""
@@ -177,7 +197,7 @@ class _Fp32Convolution(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         stride, padding, dilation, groups, bias_sizes = ctx.conv
         n = len(stride)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
+        mask = _wanted_grads(ctx)
         grad_input = grad_weight = grad_bias = None
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
             wanted = [t for t, m in zip((input, weight), mask) if m]
