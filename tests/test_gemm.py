@@ -194,16 +194,26 @@ def test_split_rounding_matches_torch_half_on_ties_and_subnormals():
 
 
 @requires_cuda
-def test_cpu_and_cuda_split_are_bit_identical():
-    x = torch.randn(257, 1000, generator=generator("cpu", 7))
-    x = torch.ldexp(x, torch.randint(-60, 60, (257, 1)))
+@pytest.mark.parametrize("rows,k,transposed", [(257, 1000, False), (130, 3000, False), (33, 20000, False),
+                                              (257, 1000, True), (5, 64, False)])
+def test_cpu_and_cuda_split_are_bit_identical(rows, k, transposed):
+    """Both CUDA routes (rows held whole in shared memory; two passes for long or strided rows)
+    give the CPU's bits, and zero padding up to whole tiles."""
+    x = torch.randn(rows, k, generator=generator("cpu", 7))
+    x = torch.ldexp(x, torch.randint(-60, 60, (rows, 1)))
     x[3, 3] = float("inf")
     x[4, 4] *= 2.0**50
+    if transposed:  # K-strided rows, as B's columns are
+        x = x.t().contiguous().t()
     cpu = torch_hpc.split(x)
     gpu = torch_hpc.split(x.cuda())
     for name, u, v in zip(("hi", "lo", "exponent", "fallback"), cpu, gpu):
         assert torch.equal(u.view(torch.int16) if u.is_floating_point() else u,
                            (v.view(torch.int16) if v.is_floating_point() else v).cpu()), name
+    hi, lo, exponent, fallback = torch.ops.torch_hpc.split_planes(x.cuda())
+    for plane in (hi, lo):
+        assert plane[rows:].count_nonzero() == 0 and plane[:, k:].count_nonzero() == 0
+    assert exponent[rows:].count_nonzero() == 0 and fallback[rows:].count_nonzero() == 0
 
 
 @requires_cuda

@@ -10,14 +10,20 @@ namespace gemm {
 namespace cuda {
 namespace {
 
-// Split, in two passes that each spread over rows and K (a block per 32 rows alone leaves most
-// SMs idle when there are few rows): pass 1 reduces each row's largest and smallest nonzero
-// |x| into stats with atomics, pass 2 turns each 32 x 64 tile into hi/lo. Tiles go through
-// shared memory so that the global reads (whichever of the row/k strides is unit) and the
-// plane writes are coalesced.
+// Two routes. Rows that are contiguous in K and short enough (A row-major, B as a Linear weight)
+// take one pass: a block holds whole rows in shared memory, reduces their statistics there and
+// writes the planes, so x is read once. Other rows (B's columns, long K) take two passes that
+// each spread over rows and K: pass 1 reduces each row's largest and smallest nonzero |x| into
+// stats with atomics, pass 2 turns each 32 x 64 tile into hi/lo through shared memory, so that
+// the global reads (whichever of the row/k strides is unit) and the plane writes are coalesced.
 constexpr int kSplitRows = 32;
 constexpr int kSplitK = 64;            // k per write-pass block
 constexpr int kStatsChunk = 512;       // k per stats-pass block
+constexpr int kBatchLoads = 8;         // independent loads in flight per thread
+constexpr int kResidentThreads = 256;  // block of the one-pass route
+constexpr int kResidentBytes = 64 * 1024;  // shared memory it may take (3 blocks per SM)
+constexpr int kResidentMinK = 1024;        // shorter rows keep the two passes (tiny blocks otherwise)
+constexpr int kResidentLoads = 16;         // loads in flight per thread while a block fills
 
 // tile[row][kk] = x[r0 + row, k0 + kk] for 32 rows x Cols (a multiple of 32), 0 outside.
 template <int Cols>
@@ -39,8 +45,32 @@ __device__ __forceinline__ void load_split_tile(const SplitParams& p, const floa
   }
 }
 
+// Adds x[k * stride] for k = first, first + step, ... < end to stats, kBatchLoads loads at a time.
+__device__ __forceinline__ void add_strided(RowStats& stats, const float* x, int64_t stride,
+                                            int64_t first, int64_t end, int step) {
+  for (int64_t k0 = first; k0 < end; k0 += int64_t(step) * kBatchLoads) {
+    float v[kBatchLoads];
+#pragma unroll
+    for (int u = 0; u < kBatchLoads; ++u) {
+      const int64_t k = k0 + int64_t(step) * u;
+      v[u] = k < end ? x[k * stride] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatchLoads; ++u) stats.add(v[u]);
+  }
+}
+
+__device__ __forceinline__ void warp_reduce(uint32_t& mx, uint32_t& mn) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+  }
+}
+
+// Pass 1: 32 rows x kStatsChunk per block. K-contiguous (or any non-row-fast) rows: a warp reads
+// 4 rows along K; row-fast rows (B's columns): lane = row, the 8 warps split the chunk's K.
 __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t batch_offset) {
-  __shared__ float tile[kSplitRows][kSplitRows + 1];
   const int64_t b = batch_offset + blockIdx.z;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
@@ -48,29 +78,35 @@ __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t
   const float* x = p.x + b * p.stride_b;
   const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
   const int lane = threadIdx.x;
-
-  RowStats stats[4];
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kSplitRows) {
-    load_split_tile<kSplitRows>(p, x, r0, k0, rows_fast, tile);
-    __syncthreads();
+  if (!rows_fast) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) stats[j].add(tile[threadIdx.y + 8 * j][lane]);
-    __syncthreads();
+    for (int j = 0; j < 4; ++j) {
+      const int64_t row = r0 + threadIdx.y + 8 * j;
+      RowStats stats;
+      if (row < p.rows) add_strided(stats, x + row * p.stride_r, p.stride_k, k_begin + lane, k_end, 32);
+      uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
+      warp_reduce(mx, mn);
+      if (lane == 0 && row < p.rows) {
+        const int64_t at = b * p.rows_pad + row;
+        atomicMax(p.row_max + at, mx);
+        atomicMin(p.row_min + at, mn);
+      }
+    }
+    return;
   }
+  __shared__ uint32_t part_max[8][kSplitRows], part_min[8][kSplitRows];
+  const int64_t row = r0 + lane;
+  RowStats stats;
+  if (row < p.rows) add_strided(stats, x + row, p.stride_k, k_begin + threadIdx.y, k_end, 8);
+  part_max[threadIdx.y][lane] = stats.max_abs;
+  part_min[threadIdx.y][lane] = stats.min_nonzero_abs;
+  __syncthreads();
+  if (threadIdx.y == 0 && row < p.rows) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t mx = stats[j].max_abs, mn = stats[j].min_nonzero_abs;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
-    }
-    const int64_t row = r0 + threadIdx.y + 8 * j;
-    if (lane == 0 && row < p.rows) {
-      const int64_t at = b * p.rows_pad + row;
-      atomicMax(p.row_max + at, mx);
-      atomicMin(p.row_min + at, mn);
-    }
+    for (int w = 1; w < 8; ++w) stats.merge(part_max[w][lane], part_min[w][lane]);
+    const int64_t at = b * p.rows_pad + row;
+    atomicMax(p.row_max + at, stats.max_abs);
+    atomicMin(p.row_min + at, stats.min_nonzero_abs);
   }
 }
 
@@ -105,10 +141,107 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
   }
 }
 
+// One pass: `rows` whole rows (k_pad values each, zeros past k and past p.rows) per block in
+// shared memory; statistics reduced in the block; planes, exponent and fallback written.
+__global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitParams p, int rows,
+                                                                          int64_t batch_offset) {
+  extern __shared__ float held[];  // [rows][k_pad]
+  __shared__ uint32_t part_max[kResidentThreads / 32], part_min[kResidentThreads / 32];
+  __shared__ RowScale scale;
+  const int64_t b = batch_offset + blockIdx.z;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows;
+  const float* x = p.x + b * p.stride_b;
+  const int64_t k_pad = p.k_pad;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = r0 + r;
+    const float* xr = x + row * p.stride_r;
+    float* hr = held + int64_t(r) * k_pad;
+    const int64_t k_end = row < p.rows ? p.k : 0;
+    for (int64_t k0 = tid; k0 < k_pad; k0 += int64_t(kResidentThreads) * kResidentLoads) {
+      float v[kResidentLoads];
+#pragma unroll
+      for (int u = 0; u < kResidentLoads; ++u) {
+        const int64_t k = k0 + int64_t(kResidentThreads) * u;
+        v[u] = k < k_end ? xr[k] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kResidentLoads; ++u) {
+        const int64_t k = k0 + int64_t(kResidentThreads) * u;
+        if (k < k_pad) hr[k] = v[u];
+      }
+    }
+  }
+  __syncthreads();
+  for (int r = 0; r < rows; ++r) {
+    const int64_t at = b * p.rows_pad + r0 + r;
+    const float2* hr = reinterpret_cast<const float2*>(held + int64_t(r) * k_pad);
+    RowStats stats;
+    for (int64_t i = tid; i < k_pad / 2; i += kResidentThreads) {
+      const float2 v = hr[i];
+      stats.add(v.x);
+      stats.add(v.y);
+    }
+    uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
+    warp_reduce(mx, mn);
+    if (lane == 0) {
+      part_max[warp] = mx;
+      part_min[warp] = mn;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      RowStats all;
+#pragma unroll
+      for (int w = 0; w < kResidentThreads / 32; ++w) all.merge(part_max[w], part_min[w]);
+      scale = row_scale(all.max_abs, all.min_nonzero_abs);
+      p.exponent[at] = scale.exponent;
+      p.fallback[at] = scale.fallback ? 1 : 0;
+    }
+    __syncthreads();
+    const RowScale s = scale;
+    uint32_t* hi = reinterpret_cast<uint32_t*>(p.hi + at * k_pad);
+    uint32_t* lo = reinterpret_cast<uint32_t*>(p.lo + at * k_pad);
+    for (int64_t i = tid; i < k_pad / 2; i += kResidentThreads) {
+      const float2 v = hr[i];
+      uint16_t hi0, lo0, hi1, lo1;
+      split_value(v.x, s, hi0, lo0);
+      split_value(v.y, s, hi1, lo1);
+      hi[i] = uint32_t(hi0) | (uint32_t(hi1) << 16);
+      lo[i] = uint32_t(lo0) | (uint32_t(lo1) << 16);
+    }
+    __syncthreads();  // scale and part_* are reused by the next row
+  }
+}
+
 }  // namespace
+
+// Rows per block of the one-pass route (a divisor of kTileRows), 0 where it does not apply.
+int resident_rows(const SplitParams& p) {
+  if ((p.stride_k != 1 && p.k > 1) || p.k_pad < kResidentMinK) return 0;
+  const int64_t row_bytes = p.k_pad * int64_t(sizeof(float));
+  if (row_bytes > kResidentBytes) return 0;
+  int rows = 1;
+  while (rows * 2 * row_bytes <= kResidentBytes && rows * 2 <= 8) rows *= 2;
+  return rows;
+}
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
   static_assert(kTileK % kSplitK == 0 && kTileRows % kSplitRows == 0, "planes hold whole tiles");
+  static_assert(kTileK % 2 == 0 && kTileRows % 8 == 0, "the one-pass route writes pairs, 8 rows at most");
+  const int rows = resident_rows(p);
+  if (rows > 0) {
+    const size_t bytes = size_t(rows) * size_t(p.k_pad) * sizeof(float);
+    cudaError_t err = raise_smem_limit(reinterpret_cast<const void*>(split_resident_kernel), kResidentBytes);
+    if (err != cudaSuccess) return err;
+    for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
+      const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
+      split_resident_kernel<<<dim3(static_cast<unsigned>(p.rows_pad / rows), 1, static_cast<unsigned>(nb)),
+                              kResidentThreads, bytes, stream>>>(p, rows, b0);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   const size_t stat_bytes = size_t(p.batch * p.rows_pad) * sizeof(uint32_t);
   cudaError_t err = cudaMemsetAsync(p.row_max, 0, stat_bytes, stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
