@@ -178,7 +178,7 @@ def test_conv_traces_under_torch_compile_with_its_backward():
 
 @pytest.mark.parametrize("kw", [{"padding": 1, "groups": 2}, {"padding": "same"}, {"stride": 2}])
 def test_fp32_convolution_fallback_values_and_gradients(kw):
-    """The CUDA fallback's autograd function (TF32 off in forward and backward), run on the CPU
+    """The CUDA fallback's ops (TF32 off in forward and backward), run on the CPU
     here: F.conv2d's values and gradients, bias or not, 'same' with an even kernel."""
     for bias in (True, False):
         groups = kw.get("groups", 1)
@@ -264,3 +264,24 @@ def test_fp32_convolution_computes_only_the_gradients_asked_for(monkeypatch):
     assert asked[-1] == [True, True, True]
     (gx,) = torch.autograd.grad(conv().sum(), x, create_graph=True)  # double backward path too
     assert asked[-1] == [True, False, False] and gx.requires_grad
+
+
+def test_fp32_convolution_ops_pass_opcheck_and_compile_whole():
+    """The cuDNN route's ops (run on the CPU here) pass torch.library.opcheck, and
+    torch.compile(fullgraph=True) keeps them whole: same values and gradients as eager."""
+    x, w, b = _inputs((2, 3, 4, 8, 8, 3, {}), "cpu")
+    args = (x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.torch_hpc.conv_fp32, args)
+    grad = torch.randn(3, 8, 8, 8)
+    torch.library.opcheck(torch.ops.torch_hpc.conv_fp32_backward,
+                          (grad, x, w, [1, 1], [1, 1], [1, 1], 1, [True, False, True]))
+    conv = lambda x, w, b: torch_hpc.conv._cudnn_fp32(2, x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)  # noqa: E731
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out, ref = compiled(*leaves), F.conv2d(*ref_leaves, padding=1)
+    torch.testing.assert_close(out, ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for mine, theirs in zip(leaves, ref_leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad)

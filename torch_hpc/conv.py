@@ -140,7 +140,7 @@ def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
         padding = [0] * n
     if torch.is_grad_enabled():
         input, weight, bias = _tapped(input), _tapped(weight), _tapped(bias)
-    return _Fp32Convolution.apply(input, weight, bias, list(stride), padding, list(dilation), groups)
+    return torch.ops.torch_hpc.conv_fp32(input, weight, bias, list(stride), padding, list(dilation), groups)
 
 
 class _tf32_off:  # noqa: N801
@@ -161,6 +161,41 @@ class _tf32_off:  # noqa: N801
         return False
 
 
+# cuDNN's convolution with TF32 off in the forward and in both gradients (the backward runs
+# later, where the global switch may be on again), as custom ops: torch.compile keeps them
+# whole (fullgraph too) instead of tracing into a switch it cannot see.
+@torch.library.custom_op("torch_hpc::conv_fp32", mutates_args=())
+def _conv_fp32(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+               dilation: list[int], groups: int) -> Tensor:
+    cudnn = torch.backends.cudnn
+    return torch.ops.aten._convolution(  # TF32 off as an argument: no global switch touched
+        input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups,
+        cudnn.benchmark, cudnn.deterministic, cudnn.enabled, False)
+
+
+@_conv_fp32.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False,
+                                      [0] * len(stride), groups)
+
+
+@torch.library.custom_op("torch_hpc::conv_fp32_backward", mutates_args=())
+def _conv_fp32_backward(grad: Tensor, input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                        dilation: list[int], groups: int, mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(input, weight, bias) gradients where mask says so, else empty tensors."""
+    with _tf32_off():
+        grads = torch.ops.aten.convolution_backward(
+            grad, input, weight, [weight.shape[0]], stride, padding, dilation, False,
+            [0] * len(stride), groups, mask)
+    return tuple(g if m else grad.new_empty(0) for g, m in zip(grads, mask))
+
+
+@_conv_fp32_backward.register_fake
+def _(grad, input, weight, stride, padding, dilation, groups, mask):
+    shapes = (input, weight, grad.new_empty(weight.shape[0]))
+    return tuple(torch.empty_like(t) if m else grad.new_empty(0) for t, m in zip(shapes, mask))
+
+
 def _wanted_grads(ctx) -> list[bool]:
     """Which of (input, weight, bias) this backward pass needs: autograd.grad(y, x) asks for the
     input's alone, as torch's own convolution backward computes it (not merely every input that
@@ -179,42 +214,36 @@ def _tapped(t):
     return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
 
 
-class _Fp32Convolution(torch.autograd.Function):
-    """cuDNN's convolution with TF32 off in the forward and in both gradients (the backward
-    runs later, where the global switch may be on again)."""
+def _conv_fp32_setup(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv = (stride, padding, dilation, groups, bias is not None)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(input, weight)
-        ctx.conv = (stride, padding, dilation, groups, None if bias is None else list(bias.shape))
-        cudnn = torch.backends.cudnn
-        return torch.ops.aten._convolution(  # TF32 off as an argument: no global switch touched
-            input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups,
-            cudnn.benchmark, cudnn.deterministic, cudnn.enabled, False)
 
-    @staticmethod
-    def backward(ctx, grad):
-        input, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, bias_sizes = ctx.conv
-        n = len(stride)
-        mask = _wanted_grads(ctx)
-        grad_input = grad_weight = grad_bias = None
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
-            wanted = [t for t, m in zip((input, weight), mask) if m]
-            if wanted:
-                with _tf32_off():
-                    out = _TORCH_CONV[n](input, weight, None, stride, padding, dilation, groups)
-                    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-                grad_input = next(grads) if mask[0] else None
-                grad_weight = next(grads) if mask[1] else None
-            if mask[2]:
-                grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
-        else:
+def _conv_fp32_grads(ctx, grad):
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation, groups, has_bias = ctx.conv
+    mask = _wanted_grads(ctx)
+    mask[2] = mask[2] and has_bias
+    grad_input = grad_weight = grad_bias = None
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
+        wanted = [t for t, m in zip((input, weight), mask) if m]
+        if wanted:
             with _tf32_off():
-                grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                    grad, input, weight, bias_sizes, stride, padding, dilation, False,
-                    [0] * n, groups, mask)
-        return grad_input, grad_weight, grad_bias if mask[2] else None, None, None, None, None
+                out = _TORCH_CONV[len(stride)](input, weight, None, stride, padding, dilation, groups)
+                grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            grad_input = next(grads) if mask[0] else None
+            grad_weight = next(grads) if mask[1] else None
+        if mask[2]:
+            grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
+    elif any(mask):
+        grads = torch.ops.torch_hpc.conv_fp32_backward(grad, input, weight, stride, padding, dilation,
+                                                      groups, mask)
+        grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+_conv_fp32.register_autograd(_conv_fp32_grads, setup_context=_conv_fp32_setup)
 
 
 def _channels_last(x, n) -> bool:
