@@ -53,7 +53,8 @@ def _emulated(tensors) -> bool:
     return not torch.is_autocast_enabled(tensors[0].device.type)
 
 
-def _conv(n, input, weight, bias, stride, padding, dilation, groups):
+def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=False):
+    """products=True: the emulated products on CUDA too, whatever the layer (measurements)."""
     if not _emulated((input, weight, bias)):
         return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
     name = f"torch_hpc.conv{n}d"
@@ -67,7 +68,7 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups):
     if min(sizes) < 1:
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
-    if x.is_cuda and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
+    if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
         out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups)
     else:
         out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
