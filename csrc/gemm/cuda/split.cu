@@ -14,10 +14,10 @@ namespace {
 // take one pass: a block holds whole rows in shared memory, reduces their statistics there and
 // writes the planes, so x is read once. Other rows (B's columns, long K) take two passes that
 // each spread over rows and K: pass 1 reduces each row's largest and smallest nonzero |x| into
-// stats with atomics, pass 2 turns each 32 x 64 tile into hi/lo through shared memory, so that
+// stats with atomics, pass 2 turns each 32 x 128 tile into hi/lo through shared memory, so that
 // the global reads (whichever of the row/k strides is unit) and the plane writes are coalesced.
 constexpr int kSplitRows = 32;
-constexpr int kSplitK = 64;            // k per write-pass block
+constexpr int kSplitK = 128;           // k per write-pass block
 constexpr int kStatsChunk = 512;       // k per stats-pass block
 constexpr int kBatchLoads = 8;         // independent loads in flight per thread
 constexpr int kResidentThreads = 256;  // block of the one-pass route
@@ -110,6 +110,8 @@ __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t
   }
 }
 
+// Pass 2: 32 rows x kSplitK k per block (16 loads in flight per thread), written as two halves
+// of 64 k so that a warp's stores stay 128-byte rows of each plane.
 __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t batch_offset) {
   __shared__ float tile[kSplitRows][kSplitK + 1];
   __shared__ RowScale scales[kSplitRows];
@@ -130,14 +132,19 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
   load_split_tile<kSplitK>(p, p.x + b * p.stride_b, r0, k0, rows_fast, tile);
   __syncthreads();
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = threadIdx.y + 8 * j;
-    uint16_t hi0, lo0, hi1, lo1;
-    split_value(tile[row][2 * lane], scales[row], hi0, lo0);
-    split_value(tile[row][2 * lane + 1], scales[row], hi1, lo1);
-    const int64_t out = (b * p.rows_pad + r0 + row) * p.k_pad + k0 + 2 * lane;
-    reinterpret_cast<uint32_t*>(p.hi)[out / 2] = uint32_t(hi0) | (uint32_t(hi1) << 16);
-    reinterpret_cast<uint32_t*>(p.lo)[out / 2] = uint32_t(lo0) | (uint32_t(lo1) << 16);
+  for (int half = 0; half < kSplitK / 64; ++half) {
+    if (k0 + 64 * half >= p.k_pad) break;  // k_pad is a multiple of 64 only
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = threadIdx.y + 8 * j;
+      const int kk = 64 * half + 2 * lane;
+      uint16_t hi0, lo0, hi1, lo1;
+      split_value(tile[row][kk], scales[row], hi0, lo0);
+      split_value(tile[row][kk + 1], scales[row], hi1, lo1);
+      const int64_t out = (b * p.rows_pad + r0 + row) * p.k_pad + k0 + kk;
+      reinterpret_cast<uint32_t*>(p.hi)[out / 2] = uint32_t(hi0) | (uint32_t(hi1) << 16);
+      reinterpret_cast<uint32_t*>(p.lo)[out / 2] = uint32_t(lo0) | (uint32_t(lo1) << 16);
+    }
   }
 }
 
@@ -226,7 +233,8 @@ int resident_rows(const SplitParams& p) {
 }
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
-  static_assert(kTileK % kSplitK == 0 && kTileRows % kSplitRows == 0, "planes hold whole tiles");
+  static_assert(kTileK % 64 == 0 && kSplitK % 64 == 0 && kTileRows % kSplitRows == 0,
+                "planes hold whole tiles, written 64 k at a time");
   static_assert(kTileK % 2 == 0 && kTileRows % 8 == 0, "the one-pass route writes pairs, 8 rows at most");
   const int rows = resident_rows(p);
   if (rows > 0) {
@@ -247,7 +255,8 @@ cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
   if (err != cudaSuccess) return err;
   const int64_t k_chunks = (p.k + kStatsChunk - 1) / kStatsChunk;
-  if (k_chunks > kMaxGridYZ || p.k_pad / kSplitK > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const int64_t k_blocks = (p.k_pad + kSplitK - 1) / kSplitK;
+  if (k_chunks > kMaxGridYZ || k_blocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 block(32, 8);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
     const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
@@ -256,7 +265,7 @@ cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
                          block, 0, stream>>>(p, b0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    split_write_kernel<<<dim3(row_blocks, static_cast<unsigned>(p.k_pad / kSplitK),
+    split_write_kernel<<<dim3(row_blocks, static_cast<unsigned>(k_blocks),
                               static_cast<unsigned>(nb)),
                          block, 0, stream>>>(p, b0);
     err = cudaGetLastError();
