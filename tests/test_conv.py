@@ -246,14 +246,33 @@ def test_conv_cuda_routes_cudnn_fp32_or_the_pointwise_gemm():
         assert _rel(pointwise, ref) <= _rel(F.conv2d(big, expand), ref)
 
 
-def test_fp32_convolution_computes_only_the_gradients_asked_for(monkeypatch):
-    """autograd.grad(y, x) computes the input gradient alone (torch's convolution does; computing
-    both would double the backward's cost); backward() computes all three."""
+def test_fp32_convolution_keeps_tf32_off_in_torchs_own_backward(monkeypatch):
+    """Eager, the cuDNN route is torch's own convolution (its backward node computes only the
+    gradients a pass asks for) with cuDNN's TF32 switch off while the forward and that node run,
+    restored after; the switch is global, so this holds on the CPU too."""
+    x, w, b = (t.requires_grad_() for t in _inputs((2, 2, 4, 6, 8, 3, {}), "cpu"))
+    seen = []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        real = torch.nn.functional.conv2d
+        monkeypatch.setitem(torch_hpc.conv._TORCH_CONV, 2, lambda *a: seen.append(torch.backends.cudnn.allow_tf32) or real(*a))
+        out = torch_hpc.conv._cudnn_fp32(2, x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
+        assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and seen == [False]
+        assert torch.backends.cudnn.allow_tf32
+        out.grad_fn.register_prehook(lambda grads: seen.append(torch.backends.cudnn.allow_tf32))
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        assert seen == [False, False] and torch.backends.cudnn.allow_tf32
+    torch.testing.assert_close(gx, torch.autograd.grad(F.conv2d(x, w, b, padding=1).square().sum(), x)[0])
+
+
+def test_fp32_convolution_op_computes_only_the_gradients_asked_for(monkeypatch):
+    """The custom op (the route under torch.compile, and a public op) computes the input gradient
+    alone for autograd.grad(y, x) where the engine can tell (inputs that are not leaves)."""
     asked = []
     wanted = torch_hpc.conv._wanted_grads
     monkeypatch.setattr(torch_hpc.conv, "_wanted_grads", lambda ctx: asked.append(wanted(ctx)) or asked[-1])
-    x, w, b = (t.requires_grad_() for t in _inputs((2, 2, 4, 6, 8, 3, {}), "cpu"))
-    conv = lambda: torch_hpc.conv._cudnn_fp32(2, x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)  # noqa: E731
+    leaves = [t.requires_grad_() for t in _inputs((2, 2, 4, 6, 8, 3, {}), "cpu")]
+    x, w, b = (t * 1 for t in leaves)
+    conv = lambda: torch.ops.torch_hpc.conv_fp32(x, w, b, [1, 1], [1, 1], [1, 1], 1)  # noqa: E731
     ref = F.conv2d(x, w, b, padding=1)
     for target, mask in ((x, [True, False, False]), (w, [False, True, False]), (b, [False, False, True])):
         (mine,) = torch.autograd.grad(conv().square().sum(), target)

@@ -17,6 +17,7 @@ Where it runs:
 Tensors that are not float32, and anything under autocast, go to F.conv*d itself.
 """
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -139,9 +140,35 @@ def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
     if any(p[0] != p[1] for p in pads):  # 'same' with an even dilated kernel
         input = F.pad(input, [v for p in reversed(pads) for v in p])
         padding = [0] * n
-    if torch.is_grad_enabled():
-        input, weight, bias = _tapped(input), _tapped(weight), _tapped(bias)
-    return torch.ops.torch_hpc.conv_fp32(input, weight, bias, list(stride), padding, list(dilation), groups)
+    if torch.compiler.is_compiling():
+        return torch.ops.torch_hpc.conv_fp32(input, weight, bias, list(stride), padding, list(dilation), groups)
+    # eager: torch's own call and its own backward node (which computes only the gradients a pass
+    # asks for), with TF32 off while each of them runs
+    with _tf32_off():
+        out = _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
+    if out.grad_fn is not None:
+        out.grad_fn.register_prehook(_backward_tf32_off)
+        out.grad_fn.register_hook(_backward_tf32_restored)
+    return out
+
+
+_backward_lock = threading.Lock()
+_backward_state = {"depth": 0, "tf32": False}  # convolution backward nodes running, switch before
+
+
+def _backward_tf32_off(grad_outputs):
+    with _backward_lock:
+        if _backward_state["depth"] == 0:
+            _backward_state["tf32"] = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+        _backward_state["depth"] += 1
+
+
+def _backward_tf32_restored(grad_inputs, grad_outputs):
+    with _backward_lock:
+        _backward_state["depth"] -= 1
+        if _backward_state["depth"] == 0:
+            torch.backends.cudnn.allow_tf32 = _backward_state["tf32"]
 
 
 class _tf32_off:  # noqa: N801
@@ -202,17 +229,16 @@ def _wanted_grads(ctx) -> list[bool]:
     input's alone, as torch's own convolution backward computes it (not merely every input that
     requires grad, which would double the work)."""
     edges = list(ctx.next_functions) + [(None, 0)] * 3  # one per tensor argument: none for bias=None
+    return [bool(needed) and _will_run(node) for needed, (node, _) in zip(ctx.needs_input_grad[:3], edges[:3])]
+
+
+def _will_run(node) -> bool:
+    if node is None:
+        return False
     try:
-        return [bool(needed) and node is not None and torch._C._will_engine_execute_node(node)
-                for needed, (node, _) in zip(ctx.needs_input_grad[:3], edges[:3])]
-    except RuntimeError:  # outside the engine (a compiler tracing the backward)
-        return [bool(needed) for needed in ctx.needs_input_grad[:3]]
-
-
-def _tapped(t):
-    """A leaf that requires grad, seen through a view: the engine can say whether a backward
-    pass needs the view's node (it cannot for a leaf under autograd.grad)."""
-    return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf under autograd.grad, or a compiler tracing the backward
+        return True
 
 
 def _conv_fp32_setup(ctx, inputs, output):
