@@ -160,7 +160,7 @@ def _backward_tf32_off(grad_outputs):
     with _backward_lock:
         if _backward_state["depth"] == 0:
             _backward_state["tf32"] = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         _backward_state["depth"] += 1
 
 
