@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
 }  // namespace
 
 // Rows per block of the one-pass route (a divisor of kTileRows), 0 where it does not apply.
-int resident_rows(const SplitParams& p) {
+static int resident_rows(const SplitParams& p) {
   if ((p.stride_k != 1 && p.k > 1) || p.k_pad < kResidentMinK) return 0;
   const int64_t row_bytes = p.k_pad * int64_t(sizeof(float));
   if (row_bytes > kResidentBytes) return 0;
