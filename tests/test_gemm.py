@@ -377,6 +377,59 @@ def test_small_grids_fall_back_to_sgemm_without_tf32():
     torch.testing.assert_close(out, torch.nn.functional.linear(a, b.t(), bias), rtol=0, atol=0)
 
 
+_TORCH_NODES = {"MmBackward0", "BmmBackward0", "AddmmBackward0"}
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["mm", "bmm", "linear", "linear_no_bias"])
+def test_sgemm_fallback_products_are_torchs_own_op_and_node(op):
+    """Where the product and the gradients it needs all run SGEMM with TF32 off, the op is
+    torch's own call with torch's autograd node (no torch_hpc node, no extra host work): same
+    values and gradients as torch. TF32 on or the fallback off keep the torch_hpc node."""
+    g = generator("cuda", 0)
+    shapes = {"mm": ((64, 96), (96, 80)), "bmm": ((3, 64, 96), (3, 96, 80)),
+              "linear": ((64, 96), (80, 96)), "linear_no_bias": ((64, 96), (80, 96))}[op]
+    x, y = (torch.randn(*s, device="cuda", generator=g, requires_grad=True) for s in shapes)
+    bias = torch.randn(80, device="cuda", generator=g, requires_grad=True) if op == "linear" else None
+    ours = {"mm": torch_hpc.mm, "bmm": torch_hpc.bmm,
+            "linear": lambda a, b: torch_hpc.linear(a, b, bias),
+            "linear_no_bias": torch_hpc.linear}[op]
+    theirs = {"mm": torch.mm, "bmm": torch.bmm, "linear": lambda a, b: torch.nn.functional.linear(a, b, bias),
+              "linear_no_bias": torch.nn.functional.linear}[op]
+    leaves = [t for t in (x, y, bias) if t is not None]
+
+    def run(f):
+        out = f(x, y)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return out, grads, type(out.grad_fn).__name__
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=True):
+            out, grads, node = run(ours)
+            ref, ref_grads, ref_node = run(theirs)
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+            _, emulated_grads, emulated_node = run(ours)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch_hpc.backends.gemm.flags(sgemm_fallback=True):
+            tf32_out, _, tf32_node = run(ours)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert node == ref_node and node in _TORCH_NODES
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert emulated_node not in _TORCH_NODES and tf32_node not in _TORCH_NODES
+    assert torch.equal(tf32_out, ref)  # SGEMM with TF32 switched off for it
+    for a, b in zip(emulated_grads, ref_grads):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_cpu_products_keep_the_torch_hpc_node():
+    x = torch.randn(8, 16, requires_grad=True)
+    out = torch_hpc.mm(x, torch.randn(16, 4))
+    assert type(out.grad_fn).__name__ not in _TORCH_NODES
+
+
 @requires_cuda
 def test_forcing_sm90_where_it_cannot_run_is_a_clear_error():
     if torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in torch_hpc.build_info()["cuda_archs"]:

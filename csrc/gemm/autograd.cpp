@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "torch_path.h"
 
 namespace torch_hpc {
 namespace {
@@ -62,20 +63,39 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// Well-formed float32 operands of a [batch x] (m x k) @ (k x n) product whose every product
+// torch's own op computes as torch_hpc would (torch_path.h): then torch's op and autograd node.
+bool use_torch_op(const at::Tensor& a, const at::Tensor& b, int64_t dims) {
+  if (a.dim() != dims || b.dim() != dims || a.scalar_type() != at::kFloat ||
+      b.scalar_type() != at::kFloat || a.size(-1) != b.size(-2) || (dims == 3 && a.size(0) != b.size(0)))
+    return false;
+  const bool grad = at::GradMode::is_enabled();
+  const int64_t batch = dims == 3 ? a.size(0) : 1;
+  // one matrix in a bmm: torch's batched call can be slower than the mm the fallback makes
+  if (dims == 3 && batch == 1) return false;
+  return gemm::torch_op_is_equivalent(a, b, batch, a.size(-2), b.size(-1), a.size(-1),
+                                grad && a.requires_grad(), grad && b.requires_grad());
+}
+
 // Without gradients to record, straight to the device kernel (no autograd node).
 at::Tensor mm_autograd(const at::Tensor& a, const at::Tensor& b) {
+  if (use_torch_op(a, b, 2)) return at::mm(a, b);
   if (any_requires_grad({&a, &b})) return ProductFunction<2>::apply(a, b);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_mm(a, b);
 }
 
 at::Tensor bmm_autograd(const at::Tensor& a, const at::Tensor& b) {
+  if (use_torch_op(a, b, 3)) return at::bmm(a, b);
   if (any_requires_grad({&a, &b})) return ProductFunction<3>::apply(a, b);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_bmm(a, b);
 }
 
 at::Tensor mm_bias_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.device() == b.device() &&
+      b.dim() == 2 && bias.size(0) == b.size(1) && use_torch_op(a, b, 2))
+    return at::addmm(bias, a, b);
   if (any_requires_grad({&a, &b, &bias})) return ProductBiasFunction::apply(a, b, bias);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_mm_bias(a, b, bias);

@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "torch_path.h"
 
 namespace torch_hpc {
 
@@ -95,6 +96,15 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
     TORCH_CHECK_VALUE(bias->dim() <= 1 && bias->sym_numel() == weight.sym_size(0),
                       "torch_hpc.linear: expected argument 'bias' of shape (", weight.sym_size(0),
                       ",), got shape ", bias->sym_sizes());
+  }
+  if (!input.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      !weight.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    const int64_t n = weight.size(0), k = weight.size(1), m = k == 0 ? 0 : input.numel() / k;
+    const bool grad = at::GradMode::is_enabled();
+    if ((!has_bias || bias->device() == weight.device()) &&
+        gemm::torch_op_is_equivalent(input, weight, 1, m, n, k, grad && input.requires_grad(),
+                                     grad && weight.requires_grad()))
+      return at::linear(input, weight, bias);
   }
   // 2-D input: no reshape/view (each would add an autograd node, as F.linear avoids too)
   const bool flat = input.dim() == 2;

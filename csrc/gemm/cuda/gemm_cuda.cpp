@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "../settings.h"
+#include "../torch_path.h"
 #include "kernels.h"
 
 namespace torch_hpc {
@@ -248,6 +249,8 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   const Planes planes{b_hi, b_lo, b_exponent, b_fallback, rows_pad, k_pad};
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
 }
+
+const bool sgemm_rule_registered = (register_cuda_sgemm_rule(&prefer_sgemm), true);
 
 }  // namespace
 
