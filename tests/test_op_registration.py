@@ -78,3 +78,39 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     inductor = torch.compile(f, fullgraph=True)(*args)
     torch.testing.assert_close(inductor, eager, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_entry_points_defer_to_torch_function_handlers(device):
+    """torch_hpc.mm & co. enter the ops through torch_hpc._C directly, but a tensor subclass with
+    its own __torch_function__, or an active TorchFunctionMode, still sees the torch.ops call;
+    nn.Parameter takes the direct entry and keeps autograd."""
+    from torch.overrides import TorchFunctionMode
+    g = generator(device, 0)
+    a, b = (torch.randn(8, 8, device=device, generator=g) for _ in range(2))
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    out = torch_hpc.mm(a.as_subclass(Logged), b)
+    assert seen == [torch.ops.torch_hpc.mm.default] and isinstance(out, Logged)
+    with Mode():
+        torch_hpc.linear(a, b)
+        torch_hpc.matmul(a, b)
+    assert seen[1:] == [torch.ops.torch_hpc.linear.default, torch.ops.torch_hpc.matmul.default]
+    weight = torch.nn.Parameter(b.clone())
+    torch_hpc.mm(a, weight).sum().backward()
+    torch.testing.assert_close(weight.grad, a.sum(0)[:, None].expand(8, 8))
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor'"):
+        torch_hpc.mm(a, 3)
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        torch_hpc.bmm(a[None], b[None, :3])

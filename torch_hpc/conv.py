@@ -132,7 +132,7 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
             or any(p != (0, 0) for p in pads):
         return False
     pixels = math.prod(x.shape[2:])
-    return torch.ops.torch_hpc.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
+    return ops.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
 
 
 def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):

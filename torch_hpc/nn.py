@@ -39,7 +39,7 @@ class Linear(torch.nn.Linear):
                 and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing()
                 and not torch.is_autocast_enabled("cuda")
-                and _ops.emulates.default(w, 1, input.numel() // w.shape[1], w.shape[0], w.shape[1]))
+                and ops.emulates(w, 1, input.numel() // w.shape[1], w.shape[0], w.shape[1]))
 
     def _weight_split(self, which: str):
         """Planes of the weight's rows ("rows", forward: B = W^T) or columns ("cols", backward:

@@ -14,24 +14,57 @@ from . import _C  # the kernels' plane padding (TILE_ROWS, TILE_K), for the fake
 _ops = torch.ops.torch_hpc
 
 
+# Outside torch.compile the ops are entered through torch_hpc._C's direct entry points, which
+# skip torch.ops' schema-driven argument parsing (microseconds per call: a small product's whole
+# kernel time); they return NotImplemented for anything but plain tensors, which then take the
+# torch.ops overload (subclasses with __torch_function__, proxies, an active TorchFunctionMode).
+_compiling = torch.compiler.is_compiling
+
+
 def mm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for 2-D float32 tensors, with fp32 accuracy from three fp16 tensor-core products."""
+    if not _compiling():
+        out = _C._mm(a, b)
+        if out is not NotImplemented:
+            return out
     return _ops.mm.default(a, b)
 
 
 def bmm(a: Tensor, b: Tensor) -> Tensor:
     """Batched a @ b for 3-D float32 tensors (like torch.bmm)."""
+    if not _compiling():
+        out = _C._bmm(a, b)
+        if out is not NotImplemented:
+            return out
     return _ops.bmm.default(a, b)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """torch.matmul (1-D promotion, batch broadcasting) with the emulated product."""
+    if not _compiling():
+        out = _C._matmul(a, b)
+        if out is not NotImplemented:
+            return out
     return _ops.matmul.default(a, b)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear (input @ weight.T + bias) with the emulated product."""
+    if not _compiling():
+        out = _C._linear(input, weight, bias)
+        if out is not NotImplemented:
+            return out
     return _ops.linear.default(input, weight, bias)
+
+
+def emulates(like: Tensor, batch: int, m: int, n: int, k: int) -> bool:
+    """Whether a [batch x] (m x k) @ (k x n) product on like's device runs the emulation (not the
+    SGEMM fallback); decided from sizes, no host sync."""
+    if not _compiling():
+        out = _C._emulates(like, batch, m, n, k)
+        if out is not NotImplemented:
+            return out
+    return _ops.emulates.default(like, batch, m, n, k)
 
 
 def split(x: Tensor):

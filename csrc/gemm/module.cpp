@@ -1,10 +1,12 @@
 // torch_hpc._C: importing it loads this library (which registers the ops, ops.cpp) and gives
-// Python the GEMM switches (torch_hpc.backends.gemm) and the tile padding (the fake impls').
+// Python the GEMM switches (torch_hpc.backends.gemm), the tile padding (the fake impls') and
+// the ops' direct entry points (python_calls.cpp).
 #ifdef TORCH_HPC_PYTHON_MODULE
 #include <Python.h>
 
 #include <cstring>
 
+#include "python_calls.h"
 #include "settings.h"
 #include "tiles.h"
 
@@ -56,7 +58,8 @@ PyMethodDef methods[] = {
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && (PyModule_AddIntConstant(m, "TILE_ROWS", torch_hpc::gemm::kTileRows) < 0 ||
+  if (m != nullptr && (PyModule_AddFunctions(m, torch_hpc::kCallMethods) < 0 ||
+                       PyModule_AddIntConstant(m, "TILE_ROWS", torch_hpc::gemm::kTileRows) < 0 ||
                        PyModule_AddIntConstant(m, "TILE_K", torch_hpc::gemm::kTileK) < 0)) {
     Py_DECREF(m);
     return nullptr;

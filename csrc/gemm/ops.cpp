@@ -31,6 +31,29 @@ at::Tensor call_mm_bias(const at::Tensor& a, const at::Tensor& b, const at::Tens
   return op.call(a, b, bias);
 }
 
+at::Tensor call_matmul(const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::matmul", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+at::Tensor call_linear(const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(input, weight, bias);
+}
+
+bool call_emulates(const at::Tensor& like, int64_t batch, int64_t m, int64_t n, int64_t k) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_hpc::emulates", "")
+                       .typed<bool(const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>();
+  return op.call(like, batch, m, n, k);
+}
+
 namespace {
 
 // float32 and not under autocast (which picks the precision itself): emulate; else the torch op.
