@@ -1,5 +1,7 @@
-"""Whole models, fp32 (TF32 off) against the same model under torch_hpc.fp32_emulation(), in the
-same run: time per training step (forward + backward + Adam) and the loss curves of every seed.
+"""Whole models, fp32 (TF32 off) against the same model under torch_hpc.fp32_emulation(), and
+converted with torch_hpc.emulate_fp32(model) (its nn.Linear modules swapped; other products stay
+fp32), in the same run: time per training step (forward + backward + Adam) and the loss curves
+of every seed.
 
     python benchmarks/models.py                                   # the three models on the GPU
     python benchmarks/models.py --models mlp --steps 5 --device cpu   # smoke test
@@ -96,6 +98,9 @@ def model_config(name):
     raise KeyError(name)
 
 
+PRECISIONS = ("fp32", "emulated", "converted")
+
+
 def make_task(name, cfg, device):
     """(model factory, batch iterator, loss function)."""
     if name == "mlp":
@@ -130,6 +135,8 @@ def train(name, cfg, precision, seed, steps, device):
     make_model, batches, loss_fn = make_task(name, cfg, device)
     torch.manual_seed(seed)
     model = make_model().to(device)
+    if precision == "converted":
+        torch_hpc.emulate_fp32(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     # the fp32 baseline runs with no context at all (as a user's fp32 code does)
     mode = torch_hpc.fp32_emulation(cpu=device.type == "cpu") if precision == "emulated" \
@@ -188,25 +195,30 @@ def main(argv=None):
         cfg = model_config(name)
         steps = args.steps or (400 if name == "mlp" else 8)
         warmup = min(args.warmup, steps - 1)
-        curves, times = {"fp32": [], "emulated": []}, {"fp32": [], "emulated": []}
+        curves, times = ({p: [] for p in PRECISIONS} for _ in range(2))
         for seed in range(args.seeds):
-            for precision in ("fp32", "emulated"):
+            for precision in PRECISIONS:
                 losses, seconds = train(name, cfg, precision, seed, steps, device)
                 curves[precision].append(losses)
                 times[precision].append(statistics.median(seconds[warmup:]))
-                print(f"  {name} seed {seed} {precision:8s}: {times[precision][-1] * 1e3:9.2f} ms/step, "
+                print(f"  {name} seed {seed} {precision:9s}: {times[precision][-1] * 1e3:9.2f} ms/step, "
                       f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
         fp32_ms = statistics.median(times["fp32"]) * 1e3
         emu_ms = statistics.median(times["emulated"]) * 1e3
+        conv_ms = statistics.median(times["converted"]) * 1e3
         results[name] = {"config": cfg, "steps": steps, "fp32_ms_per_step": fp32_ms,
                          "emulated_ms_per_step": emu_ms, "speedup": fp32_ms / emu_ms,
                          "steps_outside_fp32_spread": outside_spread(curves["fp32"], curves["emulated"]),
+                         "converted_ms_per_step": conv_ms, "converted_speedup": fp32_ms / conv_ms,
+                         "converted_steps_outside_fp32_spread": outside_spread(curves["fp32"], curves["converted"]),
                          "curves": curves, "step_seconds": times}
     print(f"\n{'model':>18} | {'fp32 ms/step':>12} | {'emulated ms/step':>16} | {'speed-up':>8} | "
-          f"loss outside fp32 spread")
+          f"loss outside fp32 spread | {'emulate_fp32(model)':>19} | outside")
     for name, r in results.items():
         print(f"{name:>18} | {r['fp32_ms_per_step']:12.2f} | {r['emulated_ms_per_step']:16.2f} | "
-              f"{r['speedup']:7.2f}x | {r['steps_outside_fp32_spread']} of {r['steps']} steps")
+              f"{r['speedup']:7.2f}x | {r['steps_outside_fp32_spread']:>6} of {r['steps']} steps | "
+              f"{r['converted_ms_per_step']:8.2f} ({r['converted_speedup']:.2f}x) | "
+              f"{r['converted_steps_outside_fp32_spread']}")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"models-{device.type}{'-' + args.tag if args.tag else ''}")
     with open(stem + ".json", "w") as f:
@@ -218,7 +230,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
-        for precision, style in (("fp32", "-"), ("emulated", "--")):
+        for precision, style in (("fp32", "-"), ("emulated", "--"), ("converted", ":")):
             for seed, losses in enumerate(r["curves"][precision]):
                 ax.semilogy(losses, style, label=f"{precision} seed {seed}")
         ax.set_title(f"{name}: {r['speedup']:.2f}x per step", fontsize=9)

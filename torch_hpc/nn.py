@@ -31,15 +31,16 @@ class Linear(torch.nn.Linear):
         self.__dict__.pop("_weight_splits", None)
 
     def _can_cache(self, input: torch.Tensor) -> bool:
+        # cheapest first: small products (SGEMM fallback) leave after the size rule
         w = self.weight
         return (self.cache_weight_splits and w.is_cuda and input.device == w.device
                 and input.dtype == torch.float32 and w.dtype == torch.float32 and w.dim() == 2
                 and input.dim() >= 1 and input.shape[-1] == w.shape[1] and w.numel() > 0
                 and input.numel() > 0
                 and not torch.compiler.is_compiling()
+                and ops.emulates(w, 1, input.numel() // w.shape[1], w.shape[0], w.shape[1])
                 and not torch.cuda.is_current_stream_capturing()
-                and not torch.is_autocast_enabled("cuda")
-                and ops.emulates(w, 1, input.numel() // w.shape[1], w.shape[0], w.shape[1]))
+                and not torch.is_autocast_enabled("cuda"))
 
     def _weight_split(self, which: str):
         """Planes of the weight's rows ("rows", forward: B = W^T) or columns ("cols", backward:
