@@ -54,8 +54,9 @@ def test_models_benchmark_mlp_on_digits(tmp_path):
     results = models.main(["--models", "mlp", "--steps", "4", "--seeds", "2", "--warmup", "1",
                            "--device", "cpu", "--out", str(tmp_path)])
     r = results["mlp"]
-    assert len(r["curves"]["fp32"]) == len(r["curves"]["emulated"]) == 2
-    assert r["steps_outside_fp32_spread"] == 0
+    assert len(r["curves"]["fp32"]) == len(r["curves"]["emulated"]) == len(r["curves"]["converted"]) == 2
+    assert r["steps_outside_fp32_spread"] == 0 and r["converted_steps_outside_fp32_spread"] == 0
+    assert r["converted_ms_per_step"] > 0
     assert (tmp_path / "models-cpu.png").exists()
 
 
