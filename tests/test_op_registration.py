@@ -78,6 +78,16 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     inductor = torch.compile(f, fullgraph=True)(*args)
     torch.testing.assert_close(inductor, eager, rtol=1e-6, atol=1e-5)
+    # dynamic shapes with gradients: the autograd kernels see symbolic sizes
+    leaves = [t.clone().requires_grad_() for t in args]
+    dynamic = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    out = dynamic(*leaves)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-5)
+    ref = [t.clone().requires_grad_() for t in args]
+    f(*ref).sum().backward()
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -66,6 +66,9 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
 // Well-formed float32 operands of a [batch x] (m x k) @ (k x n) product whose every product
 // torch's own op computes as torch_hpc would (torch_path.h): then torch's op and autograd node.
 bool use_torch_op(const at::Tensor& a, const at::Tensor& b, int64_t dims) {
+  if (!a.is_cuda() || a.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      b.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+    return false;  // (symbolic sizes: traced under dynamic shapes, the op stays in the graph)
   if (a.dim() != dims || b.dim() != dims || a.scalar_type() != at::kFloat ||
       b.scalar_type() != at::kFloat || a.size(-1) != b.size(-2) || (dims == 3 && a.size(0) != b.size(0)))
     return false;
@@ -93,8 +96,9 @@ at::Tensor bmm_autograd(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor mm_bias_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  if (bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.device() == b.device() &&
-      b.dim() == 2 && bias.size(0) == b.size(1) && use_torch_op(a, b, 2))
+  if (use_torch_op(a, b, 2) && bias.dim() == 1 && bias.scalar_type() == at::kFloat &&
+      bias.device() == b.device() && !bias.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      bias.size(0) == b.size(1))
     return at::addmm(bias, a, b);
   if (any_requires_grad({&a, &b, &bias})) return ProductBiasFunction::apply(a, b, bias);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
