@@ -7,7 +7,11 @@ beside torch's own call for the same shape, forward and forward + backward.
 Each number is the wall time per call of --calls back-to-back calls (synchronised only at the
 ends), median of --rounds rounds; torch and torch_hpc alternate within a round. torch's
 products run in fp32 with TF32 off. "over torch" is torch_hpc's time minus torch's: host work
-(dispatch, autograd, the mode's routing) plus any extra GPU work. Table + JSON + PNG.
+(dispatch, autograd, the mode's routing) plus any extra GPU work. Passes: fwd; fwd+bwd (a
+backward() after every call: each pays the autograd engine's start, 150-350 us on a GPU host,
+which swamps what differs); fwd+bwd once (every call's forward, then one backward() over all of
+their outputs: the per-node cost of backward without the engine's start, as in a model whose one
+backward() runs many products). Table + JSON + PNG.
 """
 import argparse
 import contextlib
@@ -59,10 +63,16 @@ def cases(n, device, cpu_mode):
     return out
 
 
-def run_calls(fn, inputs, calls, backward, sync):
+PASSES = ("fwd", "fwd+bwd", "fwd+bwd once")
+
+
+def run_calls(fn, inputs, calls, pass_name, sync):
+    """Seconds per call: forward only, a backward() after each call, or one over all of them."""
+    backward = pass_name != "fwd"
     if backward:
         inputs = [t.detach().requires_grad_() for t in inputs]
         grad = None
+    outputs = []
     sync()
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -70,7 +80,12 @@ def run_calls(fn, inputs, calls, backward, sync):
         if backward:
             if grad is None:
                 grad = torch.ones_like(y)
-            y.backward(grad)
+            if pass_name == "fwd+bwd":
+                y.backward(grad)
+            else:
+                outputs.append(y)
+    if outputs:
+        torch.autograd.backward(outputs, [grad] * len(outputs))
     sync()
     return (time.perf_counter() - t0) / calls
 
@@ -80,20 +95,20 @@ def measure(n, device, calls, rounds, cpu_mode):
     rows = []
     for name, (make, torch_fn, hpc_fn, hpc_context) in cases(n, device, cpu_mode).items():
         inputs = make()
-        for backward in (False, True):
-            with torch.no_grad() if not backward else torch.enable_grad():
-                run_calls(torch_fn, inputs, max(3, calls // 10), backward, sync)  # warm-up
+        for pass_name in PASSES:
+            with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
+                run_calls(torch_fn, inputs, max(3, calls // 10), pass_name, sync)  # warm-up
                 with hpc_context():
-                    run_calls(hpc_fn, inputs, max(3, calls // 10), backward, sync)
+                    run_calls(hpc_fn, inputs, max(3, calls // 10), pass_name, sync)
                 t_torch, t_hpc = [], []
                 for _ in range(rounds):
-                    t_torch.append(run_calls(torch_fn, inputs, calls, backward, sync))
+                    t_torch.append(run_calls(torch_fn, inputs, calls, pass_name, sync))
                     with hpc_context():
-                        t_hpc.append(run_calls(hpc_fn, inputs, calls, backward, sync))
+                        t_hpc.append(run_calls(hpc_fn, inputs, calls, pass_name, sync))
             torch_us, hpc_us = statistics.median(t_torch) * 1e6, statistics.median(t_hpc) * 1e6
-            rows.append({"n": n, "case": name, "pass": "fwd+bwd" if backward else "fwd",
+            rows.append({"n": n, "case": name, "pass": pass_name,
                          "torch_us": torch_us, "torch_hpc_us": hpc_us, "over_us": hpc_us - torch_us})
-            print(f"{n:>6} {name:>12} {rows[-1]['pass']:>8} | {torch_us:9.1f} | {hpc_us:11.1f} | "
+            print(f"{n:>6} {name:>12} {rows[-1]['pass']:>12} | {torch_us:9.1f} | {hpc_us:11.1f} | "
                   f"{hpc_us - torch_us:+9.1f}", flush=True)
     return rows
 
@@ -102,8 +117,8 @@ def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, pass_name in zip(axes, ("fwd", "fwd+bwd")):
+    fig, axes = plt.subplots(1, len(PASSES), figsize=(17, 4.5), sharey=True)
+    for ax, pass_name in zip(axes, PASSES):
         for case in dict.fromkeys(r["case"] for r in rows):
             pts = [r for r in rows if r["case"] == case and r["pass"] == pass_name]
             ax.plot([r["n"] for r in pts], [r["over_us"] for r in pts], "o-", label=case)
@@ -135,7 +150,7 @@ def main(argv=None):
     card = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
     print(f"# per-call overhead on {card} ({device}), torch {torch.__version__}, {datetime.date.today()}, "
           f"{args.calls} calls x {args.rounds} rounds")
-    print(f"{'n':>6} {'case':>12} {'pass':>8} | {'torch us':>9} | {'torch_hpc us':>11} | {'over':>9}")
+    print(f"{'n':>6} {'case':>12} {'pass':>12} | {'torch us':>9} | {'torch_hpc us':>11} | {'over':>9}")
     rows = [r for n in sizes for r in measure(n, device, args.calls, args.rounds, cpu_mode=device == "cpu")]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"overhead-{device}{'-' + args.tag if args.tag else ''}")
