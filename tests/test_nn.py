@@ -171,3 +171,17 @@ def test_emulate_fp32_converts_convolutions(device):
     assert got.shape == exact.shape and ((got.double() - exact).norm() / exact.norm()).item() < 1e-6
     got.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_converted_model_traces_with_fx(device):
+    """torch.fx.symbolic_trace of a converted model records torch_hpc's calls (the Linear op, the
+    conv function), not torch's, and the traced module computes the same values."""
+    g = generator(device, 3)
+    model = torch_hpc.emulate_fp32(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 5))).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device, generator=g)
+    traced = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets == [torch_hpc.conv.conv2d, torch.ops.torch_hpc.linear.default]
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)

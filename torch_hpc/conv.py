@@ -22,6 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import ops
 
@@ -32,18 +33,27 @@ _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """F.conv1d with the emulated product (input (N, C, L) or (C, L))."""
+    if has_torch_function((input, weight, bias)):  # FX proxies, subclasses, TorchFunctionModes
+        return handle_torch_function(conv1d, (input, weight, bias), input, weight, bias, stride,
+                                     padding, dilation, groups)
     return _conv(1, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """F.conv2d with the emulated product (input (N, C, H, W) or (C, H, W), NCHW or channels_last)."""
+    if has_torch_function((input, weight, bias)):  # FX proxies, subclasses, TorchFunctionModes
+        return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias, stride,
+                                     padding, dilation, groups)
     return _conv(2, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """F.conv3d with the emulated product (input (N, C, D, H, W) or (C, D, H, W))."""
+    if has_torch_function((input, weight, bias)):  # FX proxies, subclasses, TorchFunctionModes
+        return handle_torch_function(conv3d, (input, weight, bias), input, weight, bias, stride,
+                                     padding, dilation, groups)
     return _conv(3, input, weight, bias, stride, padding, dilation, groups)
 
 

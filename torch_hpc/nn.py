@@ -33,7 +33,8 @@ class Linear(torch.nn.Linear):
     def _can_cache(self, input: torch.Tensor) -> bool:
         # cheapest first: small products (SGEMM fallback) leave after the size rule
         w = self.weight
-        return (self.cache_weight_splits and w.is_cuda and input.device == w.device
+        return (isinstance(input, torch.Tensor) and self.cache_weight_splits and w.is_cuda
+                and input.device == w.device
                 and input.dtype == torch.float32 and w.dtype == torch.float32 and w.dim() == 2
                 and input.dim() >= 1 and input.shape[-1] == w.shape[1] and w.numel() > 0
                 and input.numel() > 0
