@@ -304,3 +304,21 @@ def test_fp32_convolution_ops_pass_opcheck_and_compile_whole():
     ref.backward(grad)
     for mine, theirs in zip(leaves, ref_leaves):
         torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@requires_cuda
+def test_cudnn_route_backward_with_frozen_backend_flags():
+    """PyTorch's own test harness (torch.testing) freezes assignments to torch.backends' flags;
+    the route's backward hooks still turn TF32 off while they run and restore it."""
+    flags = torch.backends.flags_frozen.__globals__
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 8, 9, 9, device="cuda", generator=g, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, device="cuda", generator=g, requires_grad=True)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        flags["__allow_nonbracketed_mutation_flag"] = False
+        try:
+            torch_hpc.conv2d(x, w, padding=1).sum().backward()
+            tf32_after = torch.backends.cudnn.allow_tf32
+        finally:
+            flags["__allow_nonbracketed_mutation_flag"] = True
+    assert tf32_after and x.grad is not None and w.grad is not None

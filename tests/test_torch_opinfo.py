@@ -1,0 +1,77 @@
+"""PyTorch's own OpInfo samples (torch.testing._internal.common_methods_invocations) for every op
+fp32_emulation() routes: under the mode each sample gives torch's fp32 values, its gradients, and
+torch's own exception where torch raises one; the conformance bar for a drop-in precision mode."""
+import warnings
+
+import pytest
+import torch
+
+import torch_hpc
+from helpers import DEVICES
+
+op_db = pytest.importorskip("torch.testing._internal.common_methods_invocations").op_db
+# torch.testing's common_utils freezes assignments to torch.backends' flags at import, for
+# PyTorch's own suite; the other tests of this process set them, so undo that here.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
+ROUTED = ["mm", "bmm", "matmul", "__rmatmul__", "addmm", "baddbmm", "nn.functional.linear",
+          "nn.functional.conv1d", "nn.functional.conv2d", "nn.functional.conv3d"]
+OPS = [o for o in op_db if o.name in ROUTED and o.variant_test_name in ("", "decomposed")]
+
+
+def _samples(op, device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield from op.sample_inputs(device, torch.float32, requires_grad=True)
+        yield from op.reference_inputs(device, torch.float32, requires_grad=False)
+
+
+def _run(op, sample, emulated):
+    args = (sample.input, *sample.args)
+    with torch_hpc.fp32_emulation(cpu=True) if emulated else torch_hpc.fp32_emulation(False):
+        try:
+            return op.op(*args, **sample.kwargs)
+        except Exception as e:  # noqa: BLE001  (compared with torch's below)
+            return e
+
+
+def _inputs_needing_grad(sample):
+    leaves = [sample.input, *sample.args, *sample.kwargs.values()]
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS, ids=[f"{o.name}{'-' + o.variant_test_name if o.variant_test_name else ''}"
+                                         for o in OPS])
+def test_routed_op_matches_torch_on_its_opinfo_samples(op, device):
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    tf32 = matmul.allow_tf32
+    matmul.allow_tf32 = False  # torch's fp32 reference products
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, allow_tf32=False):
+            count = _compare_every_sample(op, device)
+    finally:
+        matmul.allow_tf32 = tf32
+    assert count > 0
+
+
+def _compare_every_sample(op, device):
+    count = 0
+    for sample in _samples(op, device):
+        count += 1
+        want, got = _run(op, sample, emulated=False), _run(op, sample, emulated=True)
+        if isinstance(want, Exception):
+            assert type(got) is type(want) and str(got) == str(want), (sample, got, want)
+            continue
+        assert not isinstance(got, Exception), (sample, got)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        leaves = _inputs_needing_grad(sample)
+        if leaves and want.requires_grad:
+            grad_out = torch.randn_like(want)
+            want_grads = torch.autograd.grad(want, leaves, grad_out, allow_unused=True)
+            got_grads = torch.autograd.grad(got, leaves, grad_out, allow_unused=True)
+            for g, w in zip(got_grads, want_grads):
+                assert (g is None) == (w is None), sample
+                if w is not None:
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    return count
