@@ -1,6 +1,8 @@
-"""PyTorch's own OpInfo samples (torch.testing._internal.common_methods_invocations) for every op
-fp32_emulation() routes: under the mode each sample gives torch's fp32 values, its gradients, and
-torch's own exception where torch raises one; the conformance bar for a drop-in precision mode."""
+"""PyTorch's own test inputs as the conformance bar of the drop-ins: the OpInfo samples
+(torch.testing._internal.common_methods_invocations) of every op fp32_emulation() routes, and the
+ModuleInfo inputs (common_modules) of every module emulate_fp32 converts. Each gives torch's fp32
+values and gradients, and torch's own exception where torch raises one."""
+import copy
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch_hpc
 from helpers import DEVICES
 
 op_db = pytest.importorskip("torch.testing._internal.common_methods_invocations").op_db
+module_db = pytest.importorskip("torch.testing._internal.common_modules").module_db
 # torch.testing's common_utils freezes assignments to torch.backends' flags at import, for
 # PyTorch's own suite; the other tests of this process set them, so undo that here.
 torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
@@ -75,3 +78,33 @@ def _compare_every_sample(op, device):
                 if w is not None:
                     torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     return count
+
+
+CONVERTED = [m for m in module_db
+             if m.module_cls in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("info", CONVERTED, ids=[m.name for m in CONVERTED])
+def test_converted_module_matches_torch_on_its_moduleinfo_inputs(info, device):
+    cudnn = torch.backends.cudnn
+    count = 0
+    with cudnn.flags(enabled=cudnn.enabled, allow_tf32=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for inputs in info.module_inputs_func(info, device=device, dtype=torch.float32,
+                                              requires_grad=True, training=True):
+            if inputs.forward_input is None:
+                continue
+            count += 1
+            torch.manual_seed(0)
+            module = info.module_cls(*inputs.constructor_input.args,
+                                     **inputs.constructor_input.kwargs).to(device)
+            converted = torch_hpc.emulate_fp32(copy.deepcopy(module))
+            args, kwargs = inputs.forward_input.args, inputs.forward_input.kwargs
+            want, got = module(*args, **kwargs), converted(*args, **kwargs)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            grad_out = torch.randn_like(want)
+            for g, w in zip(torch.autograd.grad(got, list(converted.parameters()), grad_out),
+                            torch.autograd.grad(want, list(module.parameters()), grad_out)):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert count > 0
