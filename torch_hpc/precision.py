@@ -11,9 +11,9 @@ tensor-core emulation, like torch.backends.cuda.matmul.allow_tf32 switches to TF
 Routed: torch.mm, torch.matmul and `@`, torch.bmm, torch.addmm, torch.baddbmm, F.linear (also as
 Tensor methods), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for where convolutions run),
 when every matrix operand is a float32 tensor on a routed device and autocast is off; anything
-else (other dtypes, out=, autocast) runs the ordinary op. Autograd works (the backward products
-are emulated too). Under torch.compile the mode is traced: compiled graphs
-call the torch_hpc custom ops.
+else (other dtypes, out=, autocast) runs the ordinary op, and so do bad arguments (torch's own
+error is raised). Autograd works (the backward products are emulated too). Under torch.compile
+the mode is traced: compiled graphs call the torch_hpc custom ops.
 """
 import collections
 import threading
