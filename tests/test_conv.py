@@ -307,7 +307,7 @@ def test_fp32_convolution_ops_pass_opcheck_and_compile_whole():
 
 
 @requires_cuda
-def test_cudnn_route_backward_with_frozen_backend_flags():
+def test_cuda_cudnn_route_backward_with_frozen_backend_flags():
     """PyTorch's own test harness (torch.testing) freezes assignments to torch.backends' flags;
     the route's backward hooks still turn TF32 off while they run and restore it."""
     flags = torch.backends.flags_frozen.__globals__

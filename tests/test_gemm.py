@@ -382,7 +382,7 @@ _TORCH_NODES = {"MmBackward0", "BmmBackward0", "AddmmBackward0"}
 
 @requires_cuda
 @pytest.mark.parametrize("op", ["mm", "bmm", "linear", "linear_no_bias"])
-def test_sgemm_fallback_products_are_torchs_own_op_and_node(op):
+def test_cuda_sgemm_fallback_products_are_torchs_own_op_and_node(op):
     """Where the product and the gradients it needs all run SGEMM with TF32 off, the op is
     torch's own call with torch's autograd node (no torch_hpc node, no extra host work): same
     values and gradients as torch. TF32 on or the fallback off keep the torch_hpc node."""
