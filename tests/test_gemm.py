@@ -349,7 +349,7 @@ def test_accuracy_does_not_depend_on_magnitude_cpu():
 
 
 @requires_cuda
-def test_small_grids_fall_back_to_sgemm_without_tf32():
+def test_cuda_small_grids_fall_back_to_sgemm_without_tf32():
     g = generator("cuda", 0)
     a = torch.randn(64, 1024, device="cuda", generator=g)
     b = torch.randn(1024, 512, device="cuda", generator=g)
@@ -431,7 +431,7 @@ def test_cpu_products_keep_the_torch_hpc_node():
 
 
 @requires_cuda
-def test_forcing_sm90_where_it_cannot_run_is_a_clear_error():
+def test_cuda_forcing_sm90_where_it_cannot_run_is_a_clear_error():
     if torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in torch_hpc.build_info()["cuda_archs"]:
         pytest.skip("the wgmma kernel runs here")
     a = torch.randn(256, 256, device="cuda")
@@ -441,7 +441,7 @@ def test_forcing_sm90_where_it_cannot_run_is_a_clear_error():
 
 
 @requires_cuda
-def test_promotion_keeps_error_growth_sublinear_in_k():
+def test_cuda_promotion_keeps_error_growth_sublinear_in_k():
     """Promotion into the fp32 accumulator every k-block: from K = 1024 to 16384 the normwise
     error grows like a random walk (about 4x), not linearly (16x)."""
     errors = {}

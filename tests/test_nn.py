@@ -100,7 +100,7 @@ def test_weight_split_cache_is_cuda_only():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the weight-split cache is CUDA-only")
-def test_weight_split_cache_matches_uncached_and_follows_weight_updates():
+def test_cuda_weight_split_cache_matches_uncached_and_follows_weight_updates():
     cached, plain = _twin_linears("cuda", True), _twin_linears("cuda", False)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (cached, plain)]
     gen = generator("cuda", 11)
@@ -132,7 +132,7 @@ def test_weight_split_cache_matches_uncached_and_follows_weight_updates():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the weight-split cache is CUDA-only")
-def test_weight_split_cache_is_bypassed_in_graphs_and_compile():
+def test_cuda_weight_split_cache_is_bypassed_in_graphs_and_compile():
     lin = _twin_linears("cuda", True)
     x = torch.randn(64, 300, device="cuda", generator=generator("cuda", 12))
     with torch.no_grad():
