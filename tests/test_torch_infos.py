@@ -29,13 +29,16 @@ def _samples(op, device):
         yield from op.reference_inputs(device, torch.float32, requires_grad=False)
 
 
-def _run(op, sample, emulated):
+def _run(op, sample, emulated, routed=None):
     args = (sample.input, *sample.args)
-    with torch_hpc.fp32_emulation(cpu=True) if emulated else torch_hpc.fp32_emulation(False):
+    with torch_hpc.fp32_emulation(cpu=True) if emulated else torch_hpc.fp32_emulation(False) as mode:
         try:
             return op.op(*args, **sample.kwargs)
         except Exception as e:  # noqa: BLE001  (compared with torch's below)
             return e
+        finally:
+            if routed is not None:
+                routed.append(sum(mode.calls.values()))
 
 
 def _inputs_needing_grad(sample):
@@ -50,19 +53,20 @@ def test_routed_op_matches_torch_on_its_opinfo_samples(op, device):
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     tf32 = matmul.allow_tf32
     matmul.allow_tf32 = False  # torch's fp32 reference products
+    routed = []
     try:
         with cudnn.flags(enabled=cudnn.enabled, allow_tf32=False):
-            count = _compare_every_sample(op, device)
+            count = _compare_every_sample(op, device, routed)
     finally:
         matmul.allow_tf32 = tf32
-    assert count > 0
+    assert count > 0 and sum(routed) > 0  # the mode took the calls (not torch alone)
 
 
-def _compare_every_sample(op, device):
+def _compare_every_sample(op, device, routed):
     count = 0
     for sample in _samples(op, device):
         count += 1
-        want, got = _run(op, sample, emulated=False), _run(op, sample, emulated=True)
+        want, got = _run(op, sample, emulated=False), _run(op, sample, emulated=True, routed=routed)
         if isinstance(want, Exception):
             assert type(got) is type(want) and str(got) == str(want), (sample, got, want)
             continue
@@ -100,6 +104,7 @@ def test_converted_module_matches_torch_on_its_moduleinfo_inputs(info, device):
             module = info.module_cls(*inputs.constructor_input.args,
                                      **inputs.constructor_input.kwargs).to(device)
             converted = torch_hpc.emulate_fp32(copy.deepcopy(module))
+            assert type(converted).__module__ == "torch_hpc.nn"
             args, kwargs = inputs.forward_input.args, inputs.forward_input.kwargs
             want, got = module(*args, **kwargs), converted(*args, **kwargs)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
