@@ -76,19 +76,52 @@ def test_nesting_and_turning_off_inside(device):
     assert outer.calls["mm"] == 2 and inner.calls["mm"] == 1 and sum(off.calls.values()) == 0
     assert torch.equal(plain, fp32_reference_product(a, b)) or device == "cpu"
 
-    # One TorchFunctionMode however deep the nesting; none for a disabled context (no per-op cost)
+    # No TorchFunctionMode (no per-op cost in Python); the dispatch key that routes is on
+    # exactly while an enabled context is the innermost
     depth = torch._C._len_torch_function_stack
+    key_on = lambda: torch_hpc._C._emulation_state()[2]  # noqa: E731
     with torch_hpc.fp32_emulation(False):
-        assert depth() == 0
+        assert depth() == 0 and not key_on()
         with torch_hpc.fp32_emulation():
+            assert key_on()
             with torch_hpc.fp32_emulation(False), torch_hpc.fp32_emulation():
-                assert depth() == 1
-        assert depth() == 0
+                assert depth() == 0 and key_on()
+            with torch_hpc.fp32_emulation(False):
+                assert not key_on()
+            assert key_on()
+        assert not key_on()
+    assert not key_on()
 
     @torch_hpc.fp32_emulation(cpu=True)
     def decorated(x, y):
         return torch_hpc.is_fp32_emulation_enabled()
     assert decorated(a, b) and not torch_hpc.is_fp32_emulation_enabled()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_inside_other_torch_ops_are_routed(device):
+    """The routing is in the dispatcher: ops that torch builds on the products (einsum, tensordot)
+    take the emulated ones too, and so do torch's own backward formulas when backward() runs
+    inside the mode (here mm's, recorded outside it; on CUDA they run on autograd's device
+    thread, which inherits the mode)."""
+    a, b = randn(40, 300, device=device), randn(300, 50, device=device, seed=1)
+    x3 = randn(3, 40, 300, device=device, seed=2)
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False), _mode(device) as mode:
+        einsum = torch.einsum("bij,jk->bik", x3, b)
+        tensordot = torch.tensordot(a, b, dims=1)
+    assert sum(mode.calls.values()) == 2
+    ref = torch.einsum("bij,jk->bik", x3.double(), b.double())
+    assert ((einsum.double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert torch.equal(tensordot, torch_hpc.mm(a, b))
+
+    a.requires_grad_(), b.requires_grad_()
+    g = randn(40, 50, device=device, seed=3)
+    out = torch.mm(a, b)  # torch's own node
+    assert out.grad_fn.name() == "MmBackward0"
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False), _mode(device):
+        out.backward(g)
+        want_a, want_b = torch_hpc.mm(g, b.detach().t()), torch_hpc.mm(a.detach().t(), g)
+    assert torch.equal(a.grad, want_a) and torch.equal(b.grad, want_b)
 
 
 def _model(seed):

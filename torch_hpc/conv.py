@@ -64,7 +64,13 @@ def _emulated(tensors) -> bool:
     return not torch.is_autocast_enabled(tensors[0].device.type)
 
 
-def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=False):
+def _routed(n, input, weight, bias, stride, padding, dilation, groups, traced):
+    """fp32_emulation()'s convolutions (called from csrc/gemm/emulation_mode.cpp); traced: a
+    compiler is tracing the call."""
+    return _conv(n, input, weight, bias, stride, padding, dilation, groups, traced=traced)
+
+
+def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=False, traced=False):
     """products=True: the emulated products on CUDA too, whatever the layer (measurements)."""
     if not _emulated((input, weight, bias)):
         return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
@@ -80,7 +86,7 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=Fa
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
-        out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups)
+        out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups, traced)
     else:
         out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
     return out if batched else out.squeeze(0)
@@ -145,12 +151,12 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
     return ops.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
 
 
-def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups):
+def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups, traced=False):
     padding = [p[0] for p in pads]
     if any(p[0] != p[1] for p in pads):  # 'same' with an even dilated kernel
         input = F.pad(input, [v for p in reversed(pads) for v in p])
         padding = [0] * n
-    if torch.compiler.is_compiling():
+    if traced or torch.compiler.is_compiling():
         return torch.ops.torch_hpc.conv_fp32(input, weight, bias, list(stride), padding, list(dilation), groups)
     # eager: torch's own call and its own backward node (which computes only the gradients a pass
     # asks for), with TF32 off while each of them runs

@@ -9,153 +9,56 @@ tensor-core emulation, like torch.backends.cuda.matmul.allow_tf32 switches to TF
             ...
 
 Routed: torch.mm, torch.matmul and `@`, torch.bmm, torch.addmm, torch.baddbmm, F.linear (also as
-Tensor methods), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for where convolutions run),
-when every matrix operand is a float32 tensor on a routed device and autocast is off; anything
-else (other dtypes, out=, autocast) runs the ordinary op, and so do bad arguments (torch's own
-error is raised). Autograd works (the backward products are emulated too). Under torch.compile
-the mode is traced: compiled graphs call the torch_hpc custom ops.
+Tensor methods and as torch.ops.aten calls), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for
+where convolutions run), when every tensor operand is a dense float32 tensor on a routed device
+and autocast is off there; anything else (other dtypes, out=, autocast) runs the ordinary op, and
+so do bad arguments (torch's own error is raised). Autograd works: the routed products' gradients
+are emulated, and so are the products of torch's own backward formulas when backward() runs
+inside the mode. Under torch.compile the routing is traced: compiled graphs call the torch_hpc ops.
+
+The routing happens in the dispatcher, below Python (csrc/gemm/emulation_mode.cpp: a
+thread-local dispatch key above autograd, as autocast's): no TorchFunctionMode is installed, so
+the mode costs nothing per call on the operations it does not route.
 """
 import collections
-import threading
 
-import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from . import _C
 
-from . import conv, ops
-
-_state = threading.local()
+# The order of the counts that torch_hpc._C gives (csrc/gemm/emulation_mode.cpp).
+_ROUTE_NAMES = ("mm", "bmm", "matmul", "addmm", "baddbmm", "linear", "conv1d", "conv2d", "conv3d")
 
 
-def _settings():
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    return stack
-
-
-def _emulated(tensors, cpu: bool) -> bool:
-    """Whether every operand is a float32 tensor on a routed device, autocast off there."""
-    cuda = False
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32:
-            return False
-        if t.is_cuda:
-            cuda = True
-        elif not (cpu and t.is_cpu):
-            return False
-    return not torch.is_autocast_enabled("cuda" if cuda else "cpu")
-
-
-def _addmm(input, m1, m2, *, beta=1, alpha=1):
-    product = ops.mm(m1, m2)
-    if alpha != 1:
-        product = product * alpha
-    if beta == 0:  # like torch.addmm: input is ignored, its NaN/inf included
-        return product
-    return product + (input if beta == 1 else beta * input)
-
-
-def _baddbmm(input, b1, b2, *, beta=1, alpha=1):
-    product = ops.bmm(b1, b2)
-    if alpha != 1:
-        product = product * alpha
-    if beta == 0:
-        return product
-    return product + (input if beta == 1 else beta * input)
-
-
-def _scalar_kwargs(kwargs) -> bool:
-    return kwargs.keys() <= {"beta", "alpha"} and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
-
-
-# Each route: (name, emulated implementation, operands) where operands(args, kwargs) gives the
-# tensors that must qualify, or None when the call uses a form that is not routed (out=, ...).
-def _two(args, kwargs):
-    return args if len(args) == 2 and not kwargs else None
-
-
-def _three_scaled(args, kwargs):
-    return args if len(args) == 3 and (not kwargs or _scalar_kwargs(kwargs)) else None
-
-
-def _linear_operands(args, kwargs):
-    if len(args) == 3 and not kwargs or len(args) == 2 and kwargs.keys() <= {"bias"}:
-        bias = args[2] if len(args) == 3 else kwargs.get("bias")
-        return args[:2] if bias is None else (args[0], args[1], bias)
-    return None
-
-
-def _conv_operands(args, kwargs):
-    if len(args) >= 2 and kwargs.keys() <= {"bias", "stride", "padding", "dilation", "groups"}:
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        return args[:2] if bias is None else (args[0], args[1], bias)
-    return None
-
-
-_ROUTES = {}
-for _funcs, _route in (
-        ((torch.mm, torch.Tensor.mm), ("mm", ops.mm, _two)),
-        ((torch.bmm, torch.Tensor.bmm), ("bmm", ops.bmm, _two)),
-        ((torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__), ("matmul", ops.matmul, _two)),
-        ((torch.addmm, torch.Tensor.addmm), ("addmm", _addmm, _three_scaled)),
-        ((torch.baddbmm, torch.Tensor.baddbmm), ("baddbmm", _baddbmm, _three_scaled)),
-        ((F.linear,), ("linear", ops.linear, _linear_operands)),
-        ((F.conv1d, torch.conv1d), ("conv1d", conv.conv1d, _conv_operands)),
-        ((F.conv2d, torch.conv2d), ("conv2d", conv.conv2d, _conv_operands)),
-        ((F.conv3d, torch.conv3d), ("conv3d", conv.conv3d, _conv_operands))):
-    for _f in _funcs:
-        _ROUTES[_f] = _route
-
-
-class _EmulationMode(TorchFunctionMode):
-    """One per thread while any fp32_emulation(True) context is open; the innermost context (the
-    settings stack's top) decides each call and counts it."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        route = _ROUTES.get(func)
-        if route is None:
-            if func is not torch.Tensor.__rmatmul__:
-                return func(*args, **kwargs)
-            func, args, route = torch.Tensor.__matmul__, (args[1], args[0]), _ROUTES[torch.Tensor.__matmul__]
-        name, impl, operands = route
-        enabled, cpu, calls, _ = _settings()[-1]
-        if enabled:
-            tensors = operands(args, kwargs)
-            if tensors is not None and _emulated(tensors, cpu):
-                try:
-                    out = impl(*args, **kwargs)
-                except ValueError:  # bad arguments: torch's own call raises torch's own error
-                    return func(*args, **kwargs)
-                calls[name] += 1
-                return out
-        return func(*args, **kwargs)
+def _counter(counts) -> collections.Counter:
+    return collections.Counter({name: n for name, n in zip(_ROUTE_NAMES, counts) if n})
 
 
 class fp32_emulation:  # noqa: N801 (a context manager, named like torch's)
     """Context manager (and decorator) that turns the emulated fp32 product on (or off, with
-    enabled=False) for the code inside. `cpu=True` routes CPU tensors too. Nests; thread-local.
-    `.calls` counts the products routed by this context, by function name. Only an enabled
-    context with none already open on the thread installs the TorchFunctionMode that routes
-    (a disabled one costs nothing per op)."""
+    enabled=False) for the code inside. `cpu=True` routes CPU tensors too. Nests; thread-local
+    (threads started inside do not inherit it; autograd's own threads do, for backward()).
+    `.calls` counts the calls routed while this context was the innermost, by function name."""
 
     def __init__(self, enabled: bool = True, cpu: bool = False):
         self.enabled, self.cpu = bool(enabled), bool(cpu)
-        self.calls = collections.Counter()
+        self._calls = collections.Counter()
+        self._depth = None
+
+    @property
+    def calls(self) -> collections.Counter:
+        if self._depth is None:
+            return self._calls
+        return self._calls + _counter(_C._emulation_counts(self._depth))
 
     def __enter__(self):
-        stack = _settings()
-        mode = _EmulationMode() if self.enabled and all(entry[3] is None for entry in stack) else None
-        stack.append((self.enabled, self.cpu, self.calls, mode))
-        if mode is not None:
-            mode.__enter__()
+        if self._depth is not None:
+            raise RuntimeError("torch_hpc.fp32_emulation: this context is already open")
+        self._depth = _C._emulation_state()[0]
+        _C._emulation_enter(self.enabled, self.cpu)
         return self
 
     def __exit__(self, *exc):
-        mode = _settings().pop()[3]
-        if mode is not None:
-            mode.__exit__(*exc)
+        self._calls += _counter(_C._emulation_exit())
+        self._depth = None
         return False
 
     def __call__(self, fn):
@@ -170,5 +73,4 @@ class fp32_emulation:  # noqa: N801 (a context manager, named like torch's)
 
 def is_fp32_emulation_enabled() -> bool:
     """Whether the innermost fp32_emulation context on this thread is on."""
-    stack = _settings()
-    return bool(stack) and stack[-1][0]
+    return _C._emulation_state()[1]

@@ -1,11 +1,12 @@
 // torch_hpc._C: importing it loads this library (which registers the ops, ops.cpp) and gives
 // Python the GEMM switches (torch_hpc.backends.gemm), the tile padding (the fake impls') and
-// the ops' direct entry points (python_calls.cpp).
+// the ops' direct entry points (python_calls.cpp) and fp32_emulation's contexts (emulation_mode.cpp).
 #ifdef TORCH_HPC_PYTHON_MODULE
 #include <Python.h>
 
 #include <cstring>
 
+#include "emulation_mode.h"
 #include "python_calls.h"
 #include "settings.h"
 #include "tiles.h"
@@ -59,6 +60,7 @@ extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr && (PyModule_AddFunctions(m, torch_hpc::kCallMethods) < 0 ||
+                       PyModule_AddFunctions(m, torch_hpc::kModeMethods) < 0 ||
                        PyModule_AddIntConstant(m, "TILE_ROWS", torch_hpc::gemm::kTileRows) < 0 ||
                        PyModule_AddIntConstant(m, "TILE_K", torch_hpc::gemm::kTileK) < 0)) {
     Py_DECREF(m);
