@@ -69,6 +69,16 @@ c10::SymInt product(c10::ArrayRef<c10::SymInt> sizes) {
   return p;
 }
 
+// t expanded to `expanded` and folded to `folded` (count, rows, cols); a 3-D operand that
+// already has the batch as it lies is used as it is (no view nodes for backward to run).
+at::Tensor as_batch(const at::Tensor& t, const std::vector<c10::SymInt>& expanded,
+                    std::initializer_list<c10::SymInt> folded) {
+  if (t.dim() == 3 && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      t.sym_sizes() == c10::SymIntArrayRef(expanded))
+    return t;
+  return t.expand_symint(expanded).reshape_symint(folded);
+}
+
 // torch.matmul semantics (1-D promotion, batch broadcasting) over the emulated mm/bmm.
 // Sizes are SymInts so that the composite traces under dynamic shapes.
 at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
@@ -101,9 +111,8 @@ at::Tensor matmul_composite(const at::Tensor& a, const at::Tensor& b) {
     b_shape.insert(b_shape.end(), {k, n});
     out_shape.insert(out_shape.end(), {m, n});
     const c10::SymInt count = product(batch);
-    out = call_bmm(a2.expand_symint(a_shape).reshape_symint({count, m, k}),
-                   b2.expand_symint(b_shape).reshape_symint({count, k, n}))
-              .view_symint(out_shape);
+    out = call_bmm(as_batch(a2, a_shape, {count, m, k}), as_batch(b2, b_shape, {count, k, n}));
+    if (out.dim() != static_cast<int64_t>(out_shape.size())) out = out.view_symint(out_shape);
   }
   if (a_vec) out = out.squeeze(-2);
   if (b_vec) out = out.squeeze(-1);
