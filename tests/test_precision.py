@@ -124,6 +124,23 @@ def test_products_inside_other_torch_ops_are_routed(device):
     assert torch.equal(a.grad, want_a) and torch.equal(b.grad, want_b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_functorch_transforms_and_forward_ad_get_torchs_op(device):
+    """torch_hpc's autograd is C++ autograd Functions, which vmap, torch.func.grad and forward-mode
+    AD refuse: under the mode their tensors take torch's own op, so they keep working."""
+    import torch.autograd.forward_ad as fwAD
+    a, b = randn(4, 8, 16, device=device), randn(16, 5, device=device, seed=1)
+    ones = torch.ones(8, 5, device=device)
+    with _mode(device):
+        batched = torch.vmap(lambda x: x @ b)(a)
+        grad = torch.func.grad(lambda x: (x @ b).sum())(a[0])
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(fwAD.make_dual(a[0], torch.ones_like(a[0])) @ b).tangent
+    torch.testing.assert_close(batched, a @ b)
+    torch.testing.assert_close(grad, ones @ b.t())
+    torch.testing.assert_close(tangent, torch.ones_like(a[0]) @ b)
+
+
 def _model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.Tanh(),

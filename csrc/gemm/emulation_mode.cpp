@@ -43,8 +43,14 @@ struct Context {
 // PyTorch's propagated state but no context (autograd's device threads) routes CUDA tensors.
 thread_local std::vector<Context> contexts;
 
+// torch_hpc's autograd is C++ autograd::Functions, which functorch transforms (vmap, grad) and
+// forward-mode AD do not take: such tensors get torch's own op.
+const c10::DispatchKeySet kFunctorch({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                      c10::DispatchKey::BatchedNestedTensor});
+
 bool routes(const at::Tensor& t, bool cpu) {
   if (!t.defined() || t.scalar_type() != at::kFloat || t.layout() != at::kStrided) return false;
+  if (t.key_set().has_any(kFunctorch) || t._fw_grad(/*level=*/0).defined()) return false;
   const c10::DeviceType device = t.device().type();
   if (device != c10::DeviceType::CUDA && !(cpu && device == c10::DeviceType::CPU)) return false;
   return !at::autocast::is_autocast_enabled(device);
