@@ -141,6 +141,39 @@ def test_functorch_transforms_and_forward_ad_get_torchs_op(device):
     torch.testing.assert_close(tangent, torch.ones_like(a[0]) @ b)
 
 
+def test_one_context_object_on_several_threads_counts_each():
+    import threading
+    mode = torch_hpc.fp32_emulation(cpu=True)
+    a, b = randn(8, 16), randn(16, 4, seed=1)
+    inside = []
+
+    def work():
+        with mode:
+            torch.mm(a, b)
+            with mode:
+                torch.mm(a, b)
+                inside.append(mode.calls["mm"])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dict(mode.calls) == {"mm": 8} and len(inside) == 4 and not torch_hpc.is_fp32_emulation_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the SGEMM fallback)")
+def test_cuda_torch_hpc_calls_inside_the_mode_are_not_routed_twice():
+    """torch_hpc's own calls of torch's products (the SGEMM fallback, torch's op where it is
+    equivalent) bypass the mode's routing: an explicit small torch_hpc product counts nothing."""
+    a, b = randn(64, 64, device="cuda"), randn(64, 64, device="cuda", seed=1)
+    w = randn(64, 64, device="cuda", seed=2).requires_grad_()
+    with torch_hpc.fp32_emulation() as mode:
+        torch_hpc.mm(a, b)
+        torch_hpc.linear(a, w).sum().backward()
+    assert sum(mode.calls.values()) == 0
+
+
 def _model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.Tanh(),

@@ -21,6 +21,7 @@ thread-local dispatch key above autograd, as autocast's): no TorchFunctionMode i
 the mode costs nothing per call on the operations it does not route.
 """
 import collections
+import threading
 
 from . import _C
 
@@ -41,24 +42,27 @@ class fp32_emulation:  # noqa: N801 (a context manager, named like torch's)
     def __init__(self, enabled: bool = True, cpu: bool = False):
         self.enabled, self.cpu = bool(enabled), bool(cpu)
         self._calls = collections.Counter()
-        self._depth = None
+        self._open = {}  # thread id -> depths at which this context is open on that thread
 
     @property
     def calls(self) -> collections.Counter:
-        if self._depth is None:
-            return self._calls
-        return self._calls + _counter(_C._emulation_counts(self._depth))
+        calls = collections.Counter(self._calls)
+        for depth in self._open.get(threading.get_ident(), ()):
+            calls += _counter(_C._emulation_counts(depth))
+        return calls
 
     def __enter__(self):
-        if self._depth is not None:
-            raise RuntimeError("torch_hpc.fp32_emulation: this context is already open")
-        self._depth = _C._emulation_state()[0]
+        depths = self._open.setdefault(threading.get_ident(), [])
+        depths.append(_C._emulation_state()[0])
         _C._emulation_enter(self.enabled, self.cpu)
         return self
 
     def __exit__(self, *exc):
         self._calls += _counter(_C._emulation_exit())
-        self._depth = None
+        thread = threading.get_ident()
+        self._open[thread].pop()
+        if not self._open[thread]:
+            del self._open[thread]
         return False
 
     def __call__(self, fn):

@@ -82,14 +82,20 @@ bool use_torch_op(const at::Tensor& a, const at::Tensor& b, int64_t dims) {
 
 // Without gradients to record, straight to the device kernel (no autograd node).
 at::Tensor mm_autograd(const at::Tensor& a, const at::Tensor& b) {
-  if (use_torch_op(a, b, 2)) return at::mm(a, b);
+  if (use_torch_op(a, b, 2)) {
+    const gemm::TorchProductGuard torch_product;
+    return at::mm(a, b);
+  }
   if (any_requires_grad({&a, &b})) return ProductFunction<2>::apply(a, b);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_mm(a, b);
 }
 
 at::Tensor bmm_autograd(const at::Tensor& a, const at::Tensor& b) {
-  if (use_torch_op(a, b, 3)) return at::bmm(a, b);
+  if (use_torch_op(a, b, 3)) {
+    const gemm::TorchProductGuard torch_product;
+    return at::bmm(a, b);
+  }
   if (any_requires_grad({&a, &b})) return ProductFunction<3>::apply(a, b);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_bmm(a, b);
@@ -98,8 +104,10 @@ at::Tensor bmm_autograd(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor mm_bias_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
   if (use_torch_op(a, b, 2) && bias.dim() == 1 && bias.scalar_type() == at::kFloat &&
       bias.device() == b.device() && !bias.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
-      bias.size(0) == b.size(1))
+      bias.size(0) == b.size(1)) {
+    const gemm::TorchProductGuard torch_product;
     return at::addmm(bias, a, b);
+  }
   if (any_requires_grad({&a, &b, &bias})) return ProductBiasFunction::apply(a, b, bias);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_mm_bias(a, b, bias);

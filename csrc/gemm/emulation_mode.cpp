@@ -23,11 +23,12 @@
 #include <vector>
 
 #include "ops.h"
+#include "torch_path.h"
 
 namespace torch_hpc {
 namespace {
 
-constexpr c10::DispatchKey kModeKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+constexpr c10::DispatchKey kModeKey = gemm::kEmulationModeKey;
 
 // The order of the names Python's fp32_emulation.calls uses (precision.py).
 enum Route { kMm, kBmm, kMatmul, kAddmm, kBaddbmm, kLinear, kConv1d, kConv2d, kConv3d, kRoutes };

@@ -143,8 +143,10 @@ at::Tensor linear_composite(const at::Tensor& input, const at::Tensor& weight,
     const bool grad = at::GradMode::is_enabled();
     if ((!has_bias || bias->device() == weight.device()) &&
         gemm::torch_op_is_equivalent(input, weight, 1, m, n, k, grad && input.requires_grad(),
-                                     grad && weight.requires_grad()))
+                                     grad && weight.requires_grad())) {
+      const gemm::TorchProductGuard torch_product;
       return at::linear(input, weight, bias);
+    }
   }
   // 2-D input: no reshape/view (each would add an autograd node, as F.linear avoids too)
   const bool flat = input.dim() == 2;

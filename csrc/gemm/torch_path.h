@@ -4,12 +4,22 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace torch_hpc {
 namespace gemm {
 
 // The fallback rule of a device's kernels: whether a product of this size runs SGEMM.
 using SgemmRule = bool (*)(const at::Tensor& like, int64_t batch, int64_t m, int64_t n, int64_t k);
+
+// The thread-local dispatch key of fp32_emulation()'s routing (emulation_mode.cpp).
+constexpr c10::DispatchKey kEmulationModeKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+
+// Held around torch_hpc's own calls of torch's products (the SGEMM fallback, torch's op where it
+// is equivalent): inside fp32_emulation() they would otherwise be routed back to torch_hpc.
+struct TorchProductGuard {
+  c10::impl::ExcludeDispatchKeyGuard outside_the_mode{kEmulationModeKey};
+};
 
 // Set once by the CUDA kernels' file when it is built in.
 void register_cuda_sgemm_rule(SgemmRule rule);

@@ -97,6 +97,7 @@ bool prefer_sgemm(const at::Tensor& a, int64_t batch, int64_t m, int64_t n, int6
 // a @ b (2-D or 3-D), plus bias (1-D, broadcast over rows) when defined.
 at::Tensor sgemm_without_tf32(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   const auto product = [&] {
+    const TorchProductGuard torch_product;
     if (bias.defined()) return at::addmm(bias, a, b);
     // One matrix: cuBLAS's plain GEMM (measured: the strided-batched call picks a kernel at
     // half the speed for M = 64, N = K = 8192).
