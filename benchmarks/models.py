@@ -12,8 +12,9 @@ Models:
                     trajectories (40 variables, F = 8, RK4) integrated here
   transformer-1024  the same with 4 blocks, d_model 1024, 16 heads
   mlp               64 -> 256 -> 256 -> 10 on sklearn's digits, batch 256
-Each step is timed alone (synchronised); the speed-up is the ratio of the medians after the
-warm-up steps. The emulated loss must stay inside the fp32 seeds' spread (widened by the
+Each step is timed alone (synchronised); the three runs of a seed (fp32, the mode, the converted
+model) advance side by side, one step each in rotating order, so that the host's and the GPU's
+drift falls on all three; the speed-up is the ratio of the medians after the warm-up steps. The emulated loss must stay inside the fp32 seeds' spread (widened by the
 emulated seeds' own spread), as in benchmarks/mlp.py. Table + JSON + PNG.
 """
 import argparse
@@ -131,7 +132,8 @@ def make_task(name, cfg, device):
     return model, batches, F.mse_loss
 
 
-def train(name, cfg, precision, seed, steps, device):
+def training(name, cfg, precision, seed, steps, device):
+    """One training run as a generator: each next() runs one step and gives (loss, seconds)."""
     make_model, batches, loss_fn = make_task(name, cfg, device)
     torch.manual_seed(seed)
     model = make_model().to(device)
@@ -143,7 +145,6 @@ def train(name, cfg, precision, seed, steps, device):
         else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     data = batches(seed)
-    losses, seconds = [], []
     for _ in range(steps):
         x, y = next(data)
         sync()
@@ -154,12 +155,25 @@ def train(name, cfg, precision, seed, steps, device):
             loss.backward()
         opt.step()
         sync()
-        seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    del model, opt
+        yield loss.item(), time.perf_counter() - t0
+
+
+def train_interleaved(name, cfg, seed, steps, device):
+    """The three precisions' runs of one seed side by side, step by step (the order rotating
+    every step), so that drift of the host's or GPU's speed falls on all of them alike.
+    Gives {precision: (losses, seconds)}."""
+    runs = {p: training(name, cfg, p, seed, steps, device) for p in PRECISIONS}
+    out = {p: ([], []) for p in PRECISIONS}
+    for step in range(steps):
+        for i in range(len(PRECISIONS)):
+            precision = PRECISIONS[(step + i) % len(PRECISIONS)]
+            loss, seconds = next(runs[precision])
+            out[precision][0].append(loss)
+            out[precision][1].append(seconds)
+    del runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return losses, seconds
+    return out
 
 
 def outside_spread(fp32_curves, emulated_curves):
@@ -197,8 +211,7 @@ def main(argv=None):
         warmup = min(args.warmup, steps - 1)
         curves, times = ({p: [] for p in PRECISIONS} for _ in range(2))
         for seed in range(args.seeds):
-            for precision in PRECISIONS:
-                losses, seconds = train(name, cfg, precision, seed, steps, device)
+            for precision, (losses, seconds) in train_interleaved(name, cfg, seed, steps, device).items():
                 curves[precision].append(losses)
                 times[precision].append(statistics.median(seconds[warmup:]))
                 print(f"  {name} seed {seed} {precision:9s}: {times[precision][-1] * 1e3:9.2f} ms/step, "
