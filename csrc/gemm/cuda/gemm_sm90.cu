@@ -1,84 +1,17 @@
-// sm90 GEMM stage, Hopper (sm_90a) only: TMA loads of the four fp16 planes
-// into 128B-swizzled shared memory, one producer warpgroup and two consumer warpgroups
-// (64x128 of the 128x128 tile each) issuing wgmma, a persistent grid: producer_load,
-// consumer_mainloop, consumer_epilogue. Per kPromote = 32 k each
-// consumer computes
-//   fresh = A_hi B_hi (tensor core);  acc += fresh (fp32, outside the tensor core)
-//   corr += A_hi B_lo + A_lo B_hi (tensor core, whole K)
-// and writes 2^(e_row + e_col) (acc + 2^-11 corr). Torch-free: see kernels.h.
-#include "kernels.h"
-
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
-#include <mutex>
-
-#include "../split.h"
-#include "ptx.cuh"
+// sm90 GEMM stage, Hopper (sm_90a) only: the producer TMA-loads the four fp16 planes of each
+// k-block; the consumers, the pipeline and the epilogue are sm90_pipeline.cuh's. A persistent
+// grid. Torch-free: see kernels.h.
+#include "sm90_pipeline.cuh"
 
 namespace torch_hpc {
 namespace gemm {
 namespace cuda {
 namespace {
 
-constexpr int kBM = kTileRows, kBN = kTileRows, kBK = 64;  // kBK fp16 = 128 B = one swizzle row
-constexpr int kStages = 3;
-constexpr int kPlaneBytes = kBM * kBK * 2;      // 16 KiB, a_hi / a_lo / b_hi / b_lo
-constexpr int kStageBytes = 4 * kPlaneBytes;
-constexpr int kThreads = 384;                   // warpgroup 0 loads, 1 and 2 compute
-// k-products summed in the tensor core before each fp32 promotion. Measured on an H100: 64
-// runs at the same speed but lost to plain fp32 on a K = 128 weight gradient (3.3e-7 vs 3.0e-7).
-constexpr int kPromote = 32;
-constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 + 2 * kStages * 8;
+using namespace sm90;  // NOLINT: the shared pipeline
 
-static_assert(kBK * 2 == 128, "one k-block row must be one 128-byte swizzle row");
-static_assert(kTileK % kBK == 0, "planes are padded to whole k-blocks");
-static_assert(kTileRows % kBM == 0 && kTileRows % kBN == 0, "planes are padded to whole tiles");
-
-// Device code exists only in the host pass and the sm_90a pass.
-#if !defined(__CUDA_ARCH__) || defined(TORCH_HPC_SM90A_DEVICE)
-constexpr int kConsumerWarps = 8;
-constexpr int kAccRegs = 64;                    // m64n128 fp32 fragment per thread
-constexpr int kGroupM = 8;                      // tile rows swept together (L2 reuse)
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-
-struct TileCoord {
-  int batch, row_tile, col_tile;
-};
-
-// Grouped order: kGroupM tile rows advance together across the columns, so the CTAs resident
-// at one time share A and B panels in L2.
-__device__ __forceinline__ TileCoord tile_coord(int tile, int tiles_m, int tiles_n) {
-  const int per_batch = tiles_m * tiles_n;
-  const int batch = tile / per_batch;
-  const int t = tile - batch * per_batch;
-  const int per_group = kGroupM * tiles_n;
-  const int first_m = (t / per_group) * kGroupM;
-  const int group_rows = min(tiles_m - first_m, kGroupM);
-  const int in_group = t - (t / per_group) * per_group;
-  return {batch, first_m + in_group % group_rows, in_group / group_rows};
-}
-#endif
 
 #if !defined(__CUDA_ARCH__) || defined(TORCH_HPC_SM90A_DEVICE)
-struct SharedStages {
-  uint8_t* tiles;   // kStages x (a_hi, a_lo, b_hi, b_lo), each 1024-B aligned
-  uint64_t* full;   // stage loaded (TMA bytes arrived)
-  uint64_t* empty;  // stage consumed (every consumer warp arrived)
-};
-
-// Position in the ring of kStages stages; the phase flips at each wrap.
-struct PipeState {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
 struct PlaneMaps {
   const CUtensorMap *a_hi, *a_lo, *b_hi, *b_lo;
 };
@@ -107,97 +40,6 @@ __device__ __forceinline__ void producer_load(const SharedStages& sm, const Plan
   }
 }
 
-// Consumer main loop over one tile's k-blocks: acc = sum of promoted hi*hi chunks, corr = the
-// correction products over the whole K. `pipe` carries across tiles.
-__device__ __forceinline__ void consumer_mainloop(const SharedStages& sm, int consumer, int k_blocks,
-                                                  bool release_lane, PipeState& pipe,
-                                                  float (&acc)[kAccRegs], float (&fresh)[kAccRegs],
-                                                  float (&corr)[kAccRegs]) {
-#pragma unroll
-  for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
-  int prev_stage = -1;
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    const int stage = pipe.stage;
-    ptx::mbar_wait(&sm.full[stage], pipe.phase);
-    const uint8_t* sa = sm.tiles + stage * kStageBytes + consumer * 64 * 128;  // this consumer's rows
-    const uint64_t a_hi = ptx::smem_desc_sw128(sa);
-    const uint64_t a_lo = ptx::smem_desc_sw128(sa + kPlaneBytes);
-    const uint8_t* sb = sm.tiles + stage * kStageBytes;
-    const uint64_t b_hi = ptx::smem_desc_sw128(sb + 2 * kPlaneBytes);
-    const uint64_t b_lo = ptx::smem_desc_sw128(sb + 3 * kPlaneBytes);
-    // Each k-block runs as kBK / kPromote chunks: fresh = hi*hi of the chunk, then the chunk's
-    // correction products; once fresh is done (the corrections still running) it is added
-    // into acc. The first wait also retires the previous stage's corrections.
-#pragma unroll 1
-    for (int chunk = 0; chunk < kBK / kPromote; ++chunk) {
-      ptx::fence_regs(fresh);
-      ptx::fence_regs(corr);
-      ptx::wgmma_fence();
-      const int k0 = chunk * (kPromote / 16);
-#pragma unroll
-      for (int kk = 0; kk < kPromote / 16; ++kk)  // +16 k = +32 B = +2 in the descriptor
-        ptx::wgmma_m64n128k16(fresh, a_hi + 2 * (k0 + kk), b_hi + 2 * (k0 + kk), kk > 0);
-      ptx::wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < kPromote / 16; ++kk) {
-        ptx::wgmma_m64n128k16(corr, a_hi + 2 * (k0 + kk), b_lo + 2 * (k0 + kk), kb > 0 || k0 + kk > 0);
-        ptx::wgmma_m64n128k16(corr, a_lo + 2 * (k0 + kk), b_hi + 2 * (k0 + kk), 1);
-      }
-      ptx::wgmma_commit();
-      ptx::fence_regs(fresh);
-      ptx::wgmma_wait<1>();
-      ptx::fence_regs(fresh);
-#pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) acc[i] += fresh[i];
-      if (chunk == 0 && prev_stage >= 0 && release_lane) ptx::mbar_arrive(&sm.empty[prev_stage]);
-    }
-    prev_stage = stage;
-    pipe.advance();
-  }
-  ptx::fence_regs(corr);
-  ptx::wgmma_wait<0>();
-  ptx::fence_regs(corr);
-  if (prev_stage >= 0 && release_lane) ptx::mbar_arrive(&sm.empty[prev_stage]);
-}
-
-// Consumer epilogue: C = 2^(e_row + e_col) (acc + 2^-11 corr) for this consumer's 64 x 128.
-// Fragment element 4j + {0,1,2,3} is (row, 8j + 2(lane%4) + {0,1,0,1}) with row = 16 warp +
-// lane/4 (+8 for elements 2, 3).
-__device__ __forceinline__ void consumer_epilogue(const GemmParams& p, const TileCoord& tc,
-                                                  int consumer, int warp, int lane,
-                                                  const float (&acc)[kAccRegs],
-                                                  const float (&corr)[kAccRegs]) {
-  const int64_t b = tc.batch;
-  const int64_t row0 = int64_t(tc.row_tile) * kBM + consumer * 64 + warp * 16 + lane / 4;
-  const int64_t col_base = int64_t(tc.col_tile) * kBN + 2 * (lane % 4);
-  const int32_t* ea = p.a_exponent + b * p.m_pad;
-  const int32_t* eb = p.b_exponent + b * p.n_pad;
-  float* c = p.c + b * p.c_stride_b;
-  constexpr float kLoScale = 1.0f / float(1 << kLoShift);
-  const bool pairs = p.c_stride_n == 1 && p.c_stride_m % 2 == 0 && p.c_stride_b % 2 == 0 &&
-                     (reinterpret_cast<uintptr_t>(p.c) & 7) == 0;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = row0 + 8 * half;
-    if (row >= p.m) continue;
-    const int e_row = ea[row];
-    float* c_row = c + row * p.c_stride_m;
-#pragma unroll
-    for (int j = 0; j < kAccRegs / 4; ++j) {
-      const int64_t col = col_base + 8 * j;
-      if (col >= p.n) continue;
-      const int r = 4 * j + 2 * half;
-      const float v0 = ldexpf(acc[r] + corr[r] * kLoScale, e_row + eb[col]);
-      const float v1 = ldexpf(acc[r + 1] + corr[r + 1] * kLoScale, e_row + eb[col + 1]);
-      if (pairs && col + 1 < p.n) {
-        *reinterpret_cast<float2*>(c_row + col) = make_float2(v0, v1);
-      } else {
-        c_row[col * p.c_stride_n] = v0;
-        if (col + 1 < p.n) c_row[(col + 1) * p.c_stride_n] = v1;
-      }
-    }
-  }
-}
 #endif
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -244,35 +86,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 #endif
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &status) == cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  });
-  return encode;
-}
-
-// [batch, rows_pad, k_pad] fp16 plane -> tensor map with 128-row x 64-k boxes, 128B swizzle.
-bool plane_map(CUtensorMap* map, const uint16_t* plane, int64_t batch, int64_t rows_pad,
-               int64_t k_pad) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[3] = {cuuint64_t(k_pad), cuuint64_t(rows_pad), cuuint64_t(batch)};
-  const cuuint64_t strides[2] = {cuuint64_t(k_pad) * 2, cuuint64_t(rows_pad * k_pad) * 2};
-  const cuuint32_t box[3] = {kBK, kBM, 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, const_cast<uint16_t*>(plane), dims,
-                strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace
