@@ -58,16 +58,24 @@ RESNET50 = [
     ("1x1 1024->2048 s2", 1024, 2048, 1, 2, 14, 1),
     ("1x1 2048->512", 2048, 512, 1, 1, 7, 2),
 ]
-METHODS = ["fp32", "tf32", "fp16", "torch_hpc", "im2col"]
+METHODS = ["fp32", "tf32", "fp16", "torch_hpc", "im2col", "implicit"]
 DEFAULT_METHODS = METHODS[:4]
 LABELS = {"fp32": "cuDNN fp32 (TF32 off)", "tf32": "cuDNN TF32", "fp16": "fp16 channels_last",
-          "torch_hpc": "torch_hpc.conv2d", "im2col": "patches x emulated GEMM"}
+          "torch_hpc": "torch_hpc.conv2d", "im2col": "patches x emulated GEMM",
+          "implicit": "implicit-GEMM kernel"}
 PASSES = ["forward", "input grad", "weight grad"]
+
+
+def implicit_conv2d(x, w, b, stride=1, padding=0):
+    with torch_hpc.backends.conv.flags(implicit_gemm=True):
+        return torch_hpc.conv2d(x, w, b, stride, padding)
 
 
 def conv_call(method):
     if method == "torch_hpc":
         return torch_hpc.conv2d
+    if method == "implicit":  # torch_hpc.backends.conv.implicit_gemm on (its backward keeps the route)
+        return implicit_conv2d
     if method == "im2col":
         return lambda x, w, b, stride=1, padding=0: torch_hpc.conv._conv(2, x, w, b, stride, padding, 1, 1,
                                                                         products=True)
@@ -285,7 +293,8 @@ def main(argv=None):
                    help="also time whole training steps of these networks")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=METHODS,
                    help="im2col: the emulated products on every layer (torch_hpc.conv2d takes them "
-                        "only for large pointwise layers), to measure where they would win")
+                        "only for large pointwise layers), to measure where they would win; implicit: "
+                        "torch_hpc.conv2d with torch_hpc.backends.conv.implicit_gemm on")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--samples", type=int, default=4, help="batch samples the accuracy uses")

@@ -322,3 +322,100 @@ def test_cuda_cudnn_route_backward_with_frozen_backend_flags():
         finally:
             flags["__allow_nonbracketed_mutation_flag"] = True
     assert tf32_after and x.grad is not None and w.grad is not None
+
+
+def _sm90_device() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and "sm_90a" in torch_hpc.build_info().get("cuda_archs", []))
+
+
+requires_sm90 = pytest.mark.skipif(not _sm90_device(), reason="needs compute capability 9.0 and an sm_90a build")
+
+# (batch, in, out, size, kernel, stride, padding, dilation)
+IMPLICIT_CASES = [
+    (2, 64, 64, 9, 3, 1, 1, 1),
+    (3, 128, 64, 14, 3, 2, 1, 1),
+    (2, 64, 192, 11, 1, 1, 0, 1),
+    (1, 64, 128, 13, 5, 1, 2, 2),
+    (2, 192, 64, 7, 3, 1, 0, 1),
+    (130, 64, 64, 3, 3, 1, 1, 1),  # more images than one 128-row plane tile
+]
+
+
+def _poisoned_allocator(*shape):
+    """Fills the caching allocator's next block of this size with NaN: an output element a kernel
+    leaves unwritten stays NaN."""
+    torch.full(shape, float("nan"), device="cuda")
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", IMPLICIT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_implicit_gemm_conv2d_against_fp64(case):
+    batch, cin, cout, size, k, stride, padding, dilation = case
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(batch, cin, size, size, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, k, k, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    kw = {"stride": stride, "padding": padding, "dilation": dilation}
+    ref = F.conv2d(x.double(), w.double(), None, **kw)
+    _poisoned_allocator(*ref.shape)
+    got = torch.ops.torch_hpc.conv2d_implicit(x, w, [stride] * 2, [padding] * 2, [dilation] * 2)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(got).all()
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        cudnn = F.conv2d(x, w, None, **kw)
+    rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(got) <= max(rel(cudnn), 1e-7), (rel(got), rel(cudnn))
+    assert _contract_ratio(got, ref, x, w, 2, kw) <= contract_constant(cin * k * k)
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_conv2d_flagged_images_and_channels_are_exact():
+    """An image holding inf, one with a range the split cannot hold, and a weight channel with
+    NaN go to the exact path: their outputs are fp64's, the others stay emulated."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(3, 64, 8, 8, device="cuda", generator=g)
+    w = torch.randn(128, 64, 3, 3, device="cuda", generator=g)
+    x[0, 5, 2, 3] = float("inf")
+    x[1, 7, 4, 4] = 1e-30
+    w[17, 2, 1, 1] = float("nan")
+    x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    ref = F.conv2d(x.double(), w.double(), None, padding=1)
+    _poisoned_allocator(*ref.shape)
+    got = torch.ops.torch_hpc.conv2d_implicit(x, w, [1, 1], [1, 1], [1, 1])
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+    assert torch.equal(got.isinf(), got.isinf() & (got.sign() == ref.sign()))
+    torch.testing.assert_close(got[1], ref[1].float(), rtol=2e-7, atol=0, equal_nan=True)  # exact path
+    keep = [c for c in range(128) if c != 17]
+    emulated, want = got[2, keep], ref[2, keep]
+    assert _contract_ratio(emulated.unsqueeze(0), want.unsqueeze(0), x[2:3], w[keep], 2, {"padding": 1}) \
+        <= contract_constant(64 * 9)
+
+
+def _graph_has(fn, name, depth=6):
+    return fn is not None and depth > 0 and (name in type(fn).__name__ or any(
+        _graph_has(nxt, name, depth - 1) for nxt, _ in fn.next_functions))
+
+
+@requires_sm90
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, stride):
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(4, 64, 12, 12, device="cuda", generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 64, 3, 3, device="cuda", generator=g) / 24
+    b = torch.randn(128, device="cuda", generator=g)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    with torch_hpc.backends.conv.flags(implicit_gemm=True):
+        out = torch_hpc.conv2d(x, w, b, stride=stride, padding=1)
+    grad = torch.randn(out.shape, device="cuda", generator=g)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), grad)
+    assert _graph_has(out.grad_fn, "ImplicitConv2d")
+    want_layout = F.conv2d(x.detach(), w.detach(), b.detach(), stride=stride, padding=1)
+    assert out.stride() == want_layout.stride()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x64, w64, b64, stride=stride, padding=1)
+    refs = (ref, *torch.autograd.grad(ref, (x64, w64, b64), grad.double()))
+    for got, want in zip((out, gx, gw, gb), refs):
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-6

@@ -1,7 +1,8 @@
-"""Switches of torch_hpc's GEMM, in the style of torch.backends.cuda.matmul:
+"""Switches of torch_hpc's GEMM and convolutions, in the style of torch.backends.cuda.matmul:
 
     torch_hpc.backends.gemm.sgemm_fallback = False   # keep the emulation for small products
     torch_hpc.backends.gemm.kernel = "sm80"          # "auto" | "sm80" | "sm90"
+    torch_hpc.backends.conv.implicit_gemm = True     # the implicit-GEMM convolution kernel
 
 sgemm_fallback (default True): products too small to fill the GPU (fewer 128x128 output tiles
 than the kernel needs per SM) run on cuBLAS SGEMM with TF32 off, which is faster there and
@@ -54,6 +55,31 @@ class _Gemm:
 
 
 gemm = _Gemm()
+
+
+class _Conv:
+    """implicit_gemm (default False): 2-D convolutions with channel counts that are multiples of
+    64 (groups 1) run torch_hpc's implicit-GEMM kernel (compute capability 9.0, sm_90a builds):
+    the forward and the stride-1 input gradient; the weight gradient stays on cuDNN fp32 (TF32
+    off). Off by default until it has been measured against cuDNN on a GPU (docs/conv.md)."""
+
+    implicit_gemm = False
+
+    @contextlib.contextmanager
+    def flags(self, implicit_gemm: bool | None = None):
+        before = self.implicit_gemm
+        try:
+            if implicit_gemm is not None:
+                self.implicit_gemm = bool(implicit_gemm)
+            yield
+        finally:
+            self.implicit_gemm = before
+
+    def __repr__(self):
+        return f"torch_hpc.backends.conv(implicit_gemm={self.implicit_gemm})"
+
+
+conv = _Conv()
 
 
 def _defaults_from_environment(env=os.environ) -> None:

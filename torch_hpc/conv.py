@@ -11,11 +11,14 @@ Where it runs:
 - CUDA: pointwise convolutions (kernel 1, stride 1, no padding, groups 1) are exactly a GEMM on
   the input as it lies (NCHW: weight @ x per sample; channels_last: rows of pixels @ weight^T),
   with no patch copy; they run the emulated product wherever torch_hpc's GEMM would emulate
-  that size (torch.ops.torch_hpc.emulates, decided from shapes: no host sync). Everything else
-  runs cuDNN in fp32 with TF32 off: gathering patches in memory costs more than it saves on the
-  current kernels (docs/gemm.md), and an implicit-GEMM kernel does not exist yet.
+  that size (torch.ops.torch_hpc.emulates, decided from shapes: no host sync). With
+  torch_hpc.backends.conv.implicit_gemm on (off by default, not yet measured on a GPU), 2-D
+  layers with channel counts that are multiples of 64 run the implicit-GEMM kernel on sm90.
+  Everything else runs cuDNN in fp32 with TF32 off: gathering patches in memory costs more than
+  it saves on the current kernels (docs/gemm.md).
 Tensors that are not float32, and anything under autocast, go to F.conv*d itself.
 """
+import functools
 import math
 import threading
 
@@ -24,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
-from . import ops
+from . import backends, ops
+from ._build import build_info
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
@@ -86,7 +90,10 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=Fa
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
-        out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups, traced)
+        if _implicit_gemm_takes(n, x, weight, pads, groups, traced):
+            out = _implicit_conv2d(x, weight, bias, stride, [p[0] for p in pads], dilation)
+        else:
+            out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups, traced)
     else:
         out = _by_products(n, x, weight, bias, kernel, stride, pads, dilation, groups, sizes)
     return out if batched else out.squeeze(0)
@@ -149,6 +156,76 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
         return False
     pixels = math.prod(x.shape[2:])
     return ops.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
+
+
+def _implicit_gemm_takes(n, x, weight, pads, groups, traced) -> bool:
+    """torch_hpc.backends.conv.implicit_gemm on, and a layer its kernel covers: 2-D, groups 1,
+    channel counts multiples of 64, symmetric padding, an sm90 device, eager."""
+    if not backends.conv.implicit_gemm or traced or torch.compiler.is_compiling():
+        return False
+    if n != 2 or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
+        return False
+    return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0) and "sm_90a" in build_info().get("cuda_archs", [])
+
+
+def _sm90(index: int) -> bool:
+    return backends.gemm.kernel != "sm80" and _sm90_device(index)
+
+
+def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
+    out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation))
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out if _channels_last(x, 2) else out.contiguous()
+
+
+class _ImplicitConv2d(torch.autograd.Function):
+    """The implicit-GEMM kernel's forward; input gradient by the same kernel where the stride is
+    1 (a convolution of the output gradient with the flipped, transposed weight), else, and for
+    the weight gradient, cuDNN fp32 with TF32 off."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation)
+        cl = torch.channels_last
+        return torch.ops.torch_hpc.conv2d_implicit(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
+                                                   list(stride), list(padding), list(dilation))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        want_x, want_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
+            wanted = [t for t, m in ((x, want_x), (weight, want_w)) if m]
+            if wanted:
+                with _tf32_off():
+                    out = F.conv2d(x, weight, None, stride, padding, dilation)
+                    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+                grad_x = next(grads) if want_x else None
+                grad_w = next(grads) if want_w else None
+            return grad_x, grad_w, None, None, None
+        kernel = weight.shape[2:]
+        flipped_pads = [dilation[d] * (kernel[d] - 1) - padding[d] for d in range(2)]
+        if want_x and stride == (1, 1) and min(flipped_pads) >= 0:
+            cl = torch.channels_last
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=cl)
+            grad_x = torch.ops.torch_hpc.conv2d_implicit(grad.contiguous(memory_format=cl), flipped, [1, 1],
+                                                         flipped_pads, list(dilation))
+        mask = [want_x and grad_x is None, want_w, False]
+        if any(mask):
+            grads = torch.ops.torch_hpc.conv_fp32_backward(grad, x, weight, list(stride), list(padding),
+                                                          list(dilation), 1, mask)
+            grad_x = grads[0] if mask[0] else grad_x
+            grad_w = grads[1] if mask[1] else None
+        return grad_x, grad_w, None, None, None
 
 
 def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups, traced=False):

@@ -144,3 +144,12 @@ def _split_planes_fake(x):
 def _mm_planes_fake(a, b, b_hi, b_lo, b_exponent, b_fallback):
     _check_matmul_args(a, b, 2, "mm_planes")
     return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.register_fake("torch_hpc::conv2d_implicit")
+def _conv2d_implicit_fake(input, weight, stride, padding, dilation):
+    n, _, h, w = input.shape
+    k, _, r, s = weight.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return input.new_empty((n, k, oh, ow)).contiguous(memory_format=torch.channels_last)

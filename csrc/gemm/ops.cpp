@@ -182,6 +182,10 @@ TORCH_LIBRARY(torch_hpc, m) {
   m.def("split_planes(Tensor x) -> (Tensor hi, Tensor lo, Tensor exponent, Tensor fallback)");
   m.def("mm_planes(Tensor a, Tensor b, Tensor b_hi, Tensor b_lo, Tensor b_exponent, "
         "Tensor b_fallback) -> Tensor");
+  // CUDA (sm90) only: F.conv2d without bias, groups 1, channels_last, channel counts multiples
+  // of 64 (torch_hpc/conv.py's implicit-GEMM route)
+  m.def("conv2d_implicit(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_hpc, CompositeImplicitAutograd, m) {

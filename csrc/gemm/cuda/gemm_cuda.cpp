@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "../checks.h"
@@ -251,6 +252,90 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
 }
 
+// torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
+// channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
+// (conv_sm90.cu): the input split per image, the weight per output channel, the patches
+// gathered by the kernel; images or channels the split flags recomputed exactly.
+at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* name = "torch_hpc.conv2d_implicit";
+  TORCH_CHECK_VALUE(x.dim() == 4 && w.dim() == 4 && x.scalar_type() == at::kFloat &&
+                        w.scalar_type() == at::kFloat && x.is_cuda() && w.device() == x.device(),
+                    name, ": expected 'input' (N, C, H, W) and 'weight' (K, C, R, S) float32 on one "
+                    "CUDA device, got ", x.sizes(), " ", x.scalar_type(), " on ", x.device(), " and ",
+                    w.sizes(), " ", w.scalar_type(), " on ", w.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                        w.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    name, ": expected 'input' and 'weight' contiguous in channels_last");
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 &&
+                        stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 &&
+                        dilation[0] > 0 && dilation[1] > 0,
+                    name, ": expected 2 positive strides and dilations and 2 paddings >= 0");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
+  const int64_t k = w.size(0), r = w.size(2), s = w.size(3);
+  TORCH_CHECK_VALUE(w.size(1) == c && c % kTileK == 0 && k % kTileK == 0 && r > 0 && s > 0,
+                    name, ": expected weight.shape[1] == input channels, both channel counts "
+                    "multiples of ", kTileK, ", got input ", x.sizes(), " and weight ", w.sizes());
+  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (s - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(oh > 0 && ow > 0, name, ": the padded input is smaller than the dilated kernel");
+  TORCH_CHECK_VALUE(std::max({n, c, h, wd, k, r, s, oh, ow}) <= INT32_MAX / 2, name, ": sizes too large");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(gemm_kernel_for(x) == cuda::GemmKernel::sm90, name,
+              " needs the wgmma kernel (compute capability 9.0, a build with sm_90a)");
+  at::Tensor y = at::empty({n, k, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t x_k = h * wd * c, w_k = r * s * c;
+  const Planes px = split_cuda(x, 1, n, x_k, 0, x_k, 1, stream);
+  const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream);
+  const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
+  const at::Tensor row_exponent = at::zeros({m_pad}, x.options().dtype(at::kInt));
+  row_exponent.narrow(0, 0, m).copy_(px.exponent[0].narrow(0, 0, n).repeat_interleave(oh * ow));
+  cuda::ConvParams cp{};
+  cuda::GemmParams& g = cp.gemm;
+  g.b_hi = reinterpret_cast<const uint16_t*>(pw.hi.data_ptr<at::Half>());
+  g.b_lo = reinterpret_cast<const uint16_t*>(pw.lo.data_ptr<at::Half>());
+  g.a_exponent = row_exponent.data_ptr<int32_t>();
+  g.b_exponent = pw.exponent.data_ptr<int32_t>();
+  g.b_fallback = pw.fallback.data_ptr<int32_t>();
+  g.m_pad = m_pad;
+  g.n_pad = pw.rows_pad;
+  g.k_pad = pw.k_pad;
+  g.c = y.data_ptr<float>();
+  g.c_stride_b = 0;
+  g.c_stride_m = k;
+  g.c_stride_n = 1;
+  g.batch = 1;
+  g.m = m;
+  g.n = k;
+  g.k = w_k;
+  cp.x_hi = reinterpret_cast<const uint16_t*>(px.hi.data_ptr<at::Half>());
+  cp.x_lo = reinterpret_cast<const uint16_t*>(px.lo.data_ptr<at::Half>());
+  cp.x_k_pad = px.k_pad;
+  cp.x_fallback = px.fallback.data_ptr<int32_t>();
+  cp.x = x.data_ptr<float>();
+  cp.w = w.data_ptr<float>();
+  cp.images = static_cast<int>(n);
+  cp.in_h = static_cast<int>(h);
+  cp.in_w = static_cast<int>(wd);
+  cp.channels = static_cast<int>(c);
+  cp.out_h = static_cast<int>(oh);
+  cp.out_w = static_cast<int>(ow);
+  cp.kernel_h = static_cast<int>(r);
+  cp.kernel_w = static_cast<int>(s);
+  cp.stride_h = static_cast<int>(stride[0]);
+  cp.stride_w = static_cast<int>(stride[1]);
+  cp.pad_h = static_cast<int>(padding[0]);
+  cp.pad_w = static_cast<int>(padding[1]);
+  cp.dilation_h = static_cast<int>(dilation[0]);
+  cp.dilation_w = static_cast<int>(dilation[1]);
+  const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  C10_CUDA_CHECK(cuda::launch_conv_sm90(cp, sms, stream));
+  C10_CUDA_CHECK(cuda::launch_conv_exact(cp, stream));
+  return y;
+}
+
 const bool sgemm_rule_registered = (register_cuda_sgemm_rule(&prefer_sgemm), true);
 
 }  // namespace
@@ -263,6 +348,7 @@ TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
   m.impl("split", &split_cuda_op);
   m.impl("split_planes", &split_planes_cuda);
   m.impl("mm_planes", &mm_planes_cuda);
+  m.impl("conv2d_implicit", &conv2d_implicit_cuda);
 }
 
 }  // namespace gemm

@@ -1,5 +1,5 @@
 // Torch-free interface of the CUDA stages (split.cu, gemm_sm80.cu, gemm_sm90.cu, exact.cu,
-// dispatch.cu), so that they compile and can be disassembled with nvcc alone.
+// dispatch.cu, conv_sm90.cu, conv_exact.cu), so that they compile and can be disassembled with nvcc alone.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +45,24 @@ struct GemmParams {
   int32_t *fallback_rows, *fallback_cols, *fallback_counts;
 };
 
+// Implicit-GEMM convolution (channels_last, groups 1, channels a multiple of 64):
+//   y[m, k] = sum over (r, s, c) of x[image, ih, iw, c] w[k, r, s, c]
+// for output pixels m = (image, oh, ow), ih = oh stride_h - pad_h + r dilation_h (iw alike), x
+// and w read from their split planes: x's rows are images (k = in_h in_w channels, NHWC order),
+// w's rows output channels (k = kernel_h kernel_w channels). `gemm` carries the product's
+// shape and output: a_exponent per output pixel (its image's exponent), b_* the weight's
+// planes, exponents and fallback flags, c = y [m, cout] (channels_last), batch 1.
+struct ConvParams {
+  GemmParams gemm;
+  const uint16_t *x_hi, *x_lo;
+  int64_t x_k_pad;
+  const int32_t* x_fallback;  // per image: recomputed exactly
+  const float* x;             // originals for the exact path: x NHWC, w [cout, r, s, c], contiguous
+  const float* w;
+  int images, in_h, in_w, channels, out_h, out_w, kernel_h, kernel_w;
+  int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+};
+
 // sm80: mma.sync (any GPU of compute capability >= 8.0); sm90: wgmma + TMA (exactly 9.0, and
 // only when the build included sm_90a).
 enum class GemmKernel { sm80, sm90 };
@@ -61,6 +79,8 @@ cudaError_t launch_gemm_sm80(const GemmParams& p, cudaStream_t stream);         
 bool sm90_kernel_built();                                                              // gemm_sm90.cu
 cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_exact(const GemmParams& p, int sm_count, cudaStream_t stream);     // exact.cu
+cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t stream); // conv_sm90.cu
+cudaError_t launch_conv_exact(const ConvParams& p, cudaStream_t stream);              // conv_exact.cu
 
 // Grid y/z limit: batches beyond it are launched in slices.
 constexpr int64_t kMaxGridYZ = 65535;

@@ -1,0 +1,157 @@
+// Implicit-GEMM convolution, Hopper (sm_90a) only: the GEMM's consumers and epilogue
+// (sm90_pipeline.cuh) over A = the input's patches, never stored: the producer warpgroup
+// gathers them from the input's split planes with cp.async (zero-filled where a patch reaches
+// into the padding), and B = the weight's planes by TMA. Each k-block is 64 channels of one
+// filter tap, so every row of an A tile is 128 contiguous bytes of one input pixel. The
+// exponent of a row is its image's (constant over k), so the epilogue is the GEMM's.
+// Torch-free: see kernels.h.
+#include "sm90_pipeline.cuh"
+
+namespace torch_hpc {
+namespace gemm {
+namespace cuda {
+namespace {
+
+using namespace sm90;  // NOLINT: the shared pipeline
+
+constexpr int kProducerThreads = 128;
+static_assert(kBM == kProducerThreads, "one producer thread per A row");
+static_assert(kBK * 2 == 128, "an A row of a k-block is eight 16-byte chunks");
+
+#if !defined(__CUDA_ARCH__) || defined(TORCH_HPC_SM90A_DEVICE)
+struct WeightMaps {
+  const CUtensorMap *hi, *lo;
+};
+
+// Producer warpgroup: thread t gathers row t of every A tile, thread 0 also issues the B planes'
+// TMA. A stage is full when the TMA bytes and all 128 threads have arrived; a thread's copies
+// of a stage are waited for (cp.async groups) one stage later, fenced for the tensor core's
+// async proxy, and only then announced, so that two stages of copies stay in flight.
+__device__ __forceinline__ void conv_producer(const SharedStages& sm, const ConvParams& p,
+                                              const WeightMaps& maps, int k_blocks, int tiles_m,
+                                              int tiles_n, int total_tiles) {
+  const int t = threadIdx.x;
+  const int64_t pixels = int64_t(p.out_h) * p.out_w;
+  PipeState pipe;
+  int announce = -1;  // stage whose copies this thread issued last and has not announced yet
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
+    const int64_t m = int64_t(tc.row_tile) * kBM + t;
+    const bool row_valid = m < p.gemm.m;
+    int64_t image = 0;
+    int oh = 0, ow = 0;
+    if (row_valid) {
+      image = m / pixels;
+      const int64_t pixel = m - image * pixels;
+      oh = static_cast<int>(pixel / p.out_w);
+      ow = static_cast<int>(pixel - int64_t(oh) * p.out_w);
+    }
+    const uint16_t* x_hi = p.x_hi + image * p.x_k_pad;
+    const uint16_t* x_lo = p.x_lo + image * p.x_k_pad;
+    const int h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      const int stage = pipe.stage;
+      ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
+      uint8_t* dst = sm.tiles + stage * kStageBytes;
+      const int k0 = kb * kBK;
+      if (t == 0) {
+        ptx::mbar_arrive_expect_tx(&sm.full[stage], 2 * kPlaneBytes);
+        ptx::tma_load_3d(dst + 2 * kPlaneBytes, maps.hi, &sm.full[stage], k0, tc.col_tile * kBN, 0);
+        ptx::tma_load_3d(dst + 3 * kPlaneBytes, maps.lo, &sm.full[stage], k0, tc.col_tile * kBN, 0);
+      }
+      const int tap = k0 / p.channels, c0 = k0 - tap * p.channels;
+      const int r = tap / p.kernel_w, s = tap - r * p.kernel_w;
+      const int ih = h0 + r * p.dilation_h, iw = w0 + s * p.dilation_w;
+      const bool valid = row_valid && ih >= 0 && ih < p.in_h && iw >= 0 && iw < p.in_w;
+      const int64_t offset = valid ? (int64_t(ih) * p.in_w + iw) * p.channels + c0 : 0;
+      uint8_t* row_hi = dst + t * 128;
+      uint8_t* row_lo = dst + kPlaneBytes + t * 128;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int chunk = (j ^ (t & 7)) << 4;  // the 128-byte swizzle TMA would apply
+        ptx::cp_async16_zfill(row_hi + chunk, x_hi + offset + 8 * j, valid);
+        ptx::cp_async16_zfill(row_lo + chunk, x_lo + offset + 8 * j, valid);
+      }
+      ptx::cp_async_commit();
+      if (announce >= 0) {
+        ptx::cp_async_wait<1>();
+        ptx::fence_proxy_async_shared();
+        ptx::mbar_arrive(&sm.full[announce]);
+      }
+      announce = stage;
+      pipe.advance();
+    }
+  }
+  if (announce >= 0) {
+    ptx::cp_async_wait<0>();
+    ptx::fence_proxy_async_shared();
+    ptx::mbar_arrive(&sm.full[announce]);
+  }
+}
+#endif
+
+__global__ void __launch_bounds__(kThreads, 1)
+    conv_sm90_kernel(const __grid_constant__ CUtensorMap map_w_hi,
+                     const __grid_constant__ CUtensorMap map_w_lo, ConvParams p, int tiles_m,
+                     int tiles_n, int total_tiles) {
+#if defined(TORCH_HPC_SM90A_DEVICE)
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                              ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(tiles + kStages * kStageBytes);
+  const SharedStages sm{tiles, full, full + kStages};
+  const int warpgroup = threadIdx.x / 128;
+  const int k_blocks = static_cast<int>(p.gemm.k_pad / kBK);
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&sm.full[s], 1 + kProducerThreads);  // TMA's expect_tx + every gatherer
+      ptx::mbar_init(&sm.empty[s], kConsumerWarps);
+    }
+    ptx::mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<kProducerRegs>();
+    conv_producer(sm, p, WeightMaps{&map_w_hi, &map_w_lo}, k_blocks, tiles_m, tiles_n, total_tiles);
+  } else {
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    const int consumer = warpgroup - 1;
+    const int t = threadIdx.x - 128 * warpgroup;
+    const int warp = t / 32, lane = t % 32;
+    PipeState pipe;
+    float acc[kAccRegs], fresh[kAccRegs], corr[kAccRegs];
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+      const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
+      consumer_mainloop(sm, consumer, k_blocks, lane == 0, pipe, acc, fresh, corr);
+      consumer_epilogue(p.gemm, tc, consumer, warp, lane, acc, corr);
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t stream) {
+  const GemmParams& g = p.gemm;
+  const int64_t tiles_m = g.m_pad / kBM, tiles_n = g.n_pad / kBN;
+  const int64_t total = tiles_m * tiles_n;
+  if (!sm90_kernel_built() || g.batch != 1 || total > INT32_MAX || g.k_pad % kBK != 0 ||
+      p.channels % kBK != 0 || g.k_pad != int64_t(p.kernel_h) * p.kernel_w * p.channels)
+    return cudaErrorInvalidValue;
+  CUtensorMap maps[2];
+  if (!plane_map(&maps[0], g.b_hi, 1, g.n_pad, g.k_pad) || !plane_map(&maps[1], g.b_lo, 1, g.n_pad, g.k_pad))
+    return cudaErrorInvalidValue;
+  cudaError_t err = raise_smem_limit(reinterpret_cast<const void*>(conv_sm90_kernel), kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int grid = static_cast<int>(total < sm_count ? total : sm_count);
+  conv_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
+      maps[0], maps[1], p, static_cast<int>(tiles_m), static_cast<int>(tiles_n), static_cast<int>(total));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gemm
+}  // namespace torch_hpc
