@@ -419,3 +419,12 @@ def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, str
     refs = (ref, *torch.autograd.grad(ref, (x64, w64, b64), grad.double()))
     for got, want in zip((out, gx, gw, gb), refs):
         assert ((got.double() - want).norm() / want.norm()).item() < 2e-6
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_op_passes_opcheck():
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, 64, 6, 6, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.torch_hpc.conv2d_implicit, (x, w, [2, 1], [1, 0], [1, 2]),
+                          test_utils=("test_schema", "test_faketensor"))
