@@ -11,8 +11,9 @@ tensor-core emulation, like torch.backends.cuda.matmul.allow_tf32 switches to TF
 Routed: torch.mm, torch.matmul and `@`, torch.bmm, torch.addmm, torch.baddbmm, F.linear (also as
 Tensor methods and as torch.ops.aten calls), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for
 where convolutions run), when every tensor operand is a dense float32 tensor on a routed device
-and autocast is off there; anything else (other dtypes, out=, autocast) runs the ordinary op, and
-so do bad arguments (torch's own error is raised). Autograd works: the routed products' gradients
+and autocast is off there; anything else (other dtypes, out=, autocast, tensors inside vmap or
+torch.func transforms or with forward-mode AD tangents) runs the ordinary op, and so do bad
+arguments (torch's own error is raised). Autograd works: the routed products' gradients
 are emulated, and so are the products of torch's own backward formulas when backward() runs
 inside the mode. Under torch.compile the routing is traced: compiled graphs call the torch_hpc ops.
 
