@@ -234,6 +234,22 @@ def test_torch_compile_traces_into_the_custom_op():
     assert torch.equal(compiled, torch.relu(torch_hpc.mm(a, b)) + 1)
 
 
+def test_torch_compile_traces_routed_convolutions_with_their_backward():
+    x = randn(2, 4, 9, 9).requires_grad_()
+    w = randn(6, 4, 3, 3, seed=1).requires_grad_()
+
+    def f(x, w):
+        return F.conv2d(x, w, padding=1).relu().sum()
+
+    with torch_hpc.fp32_emulation(cpu=True):
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+        gx, gw = torch.autograd.grad(out, (x, w))
+    ref = torch_hpc.conv2d(x, w, padding=1).relu().sum()
+    assert torch.equal(out, ref)
+    for got, want in zip((gx, gw), torch.autograd.grad(ref, (x, w))):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_convolutions_are_routed(device):
     g = torch.Generator(device=device).manual_seed(3)
