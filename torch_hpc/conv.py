@@ -204,13 +204,7 @@ class _ImplicitConv2d(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
-            wanted = [t for t, m in ((x, want_x), (weight, want_w)) if m]
-            if wanted:
-                with _tf32_off():
-                    out = F.conv2d(x, weight, None, stride, padding, dilation)
-                    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-                grad_x = next(grads) if want_x else None
-                grad_w = next(grads) if want_w else None
+            grad_x, grad_w = _differentiable_grads(x, weight, grad, stride, padding, dilation, 1, want_x, want_w)
             return grad_x, grad_w, None, None, None
         kernel = weight.shape[2:]
         flipped_pads = [dilation[d] * (kernel[d] - 1) - padding[d] for d in range(2)]
@@ -339,6 +333,18 @@ def _will_run(node) -> bool:
         return True
 
 
+def _differentiable_grads(input, weight, grad, stride, padding, dilation, groups, want_input, want_weight):
+    """(input, weight) gradients (None where not wanted) through torch's own convolution with TF32
+    off, differentiable again (backward with create_graph=True)."""
+    wanted = [t for t, m in ((input, want_input), (weight, want_weight)) if m]
+    if not wanted:
+        return None, None
+    with _tf32_off():
+        out = _TORCH_CONV[len(stride)](input, weight, None, stride, padding, dilation, groups)
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return (next(grads) if want_input else None), (next(grads) if want_weight else None)
+
+
 def _conv_fp32_setup(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(input, weight)
@@ -352,13 +358,8 @@ def _conv_fp32_grads(ctx, grad):
     mask[2] = mask[2] and has_bias
     grad_input = grad_weight = grad_bias = None
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
-        wanted = [t for t, m in zip((input, weight), mask) if m]
-        if wanted:
-            with _tf32_off():
-                out = _TORCH_CONV[len(stride)](input, weight, None, stride, padding, dilation, groups)
-                grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            grad_input = next(grads) if mask[0] else None
-            grad_weight = next(grads) if mask[1] else None
+        grad_input, grad_weight = _differentiable_grads(input, weight, grad, stride, padding, dilation,
+                                                        groups, mask[0], mask[1])
         if mask[2]:
             grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
     elif any(mask):

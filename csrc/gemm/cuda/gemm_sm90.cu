@@ -50,23 +50,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int tiles_n, int total_tiles) {
 #if defined(TORCH_HPC_SM90A_DEVICE)
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                              ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(tiles + kStages * kStageBytes);
-  const SharedStages sm{tiles, full, full + kStages};
+  const SharedStages sm = setup_stages(smem_raw, 1);
   const int warpgroup = threadIdx.x / 128;
   const int k_blocks = static_cast<int>(p.k_pad / kBK);
-
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      ptx::mbar_init(&sm.full[s], 1);
-      ptx::mbar_init(&sm.empty[s], kConsumerWarps);
-    }
-    ptx::mbar_init_fence();
-  }
-  __syncthreads();
-
   if (warpgroup == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0)
@@ -74,16 +60,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     tiles_n, total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
-    const int consumer = warpgroup - 1;  // rows consumer*64 .. +63 of the tile
-    const int t = threadIdx.x - 128 * warpgroup;
-    const int warp = t / 32, lane = t % 32;
-    PipeState pipe;
-    float acc[kAccRegs], fresh[kAccRegs], corr[kAccRegs];
-    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-      const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
-      consumer_mainloop(sm, consumer, k_blocks, lane == 0, pipe, acc, fresh, corr);
-      consumer_epilogue(p, tc, consumer, warp, lane, acc, corr);
-    }
+    consumer_tiles(sm, p, warpgroup, k_blocks, tiles_m, tiles_n, total_tiles);
   }
 #endif
 }

@@ -170,6 +170,41 @@ __device__ __forceinline__ void consumer_epilogue(const GemmParams& p, const Til
     }
   }
 }
+// The stage ring in the kernel's dynamic shared memory (tiles 1024-B aligned, then the
+// barriers), its barriers initialised (full: `full_arrivals` per phase; empty: every consumer
+// warp) and visible to the whole block.
+__device__ __forceinline__ SharedStages setup_stages(uint8_t* smem_raw, uint32_t full_arrivals) {
+  uint8_t* tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                              ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(tiles + kStages * kStageBytes);
+  const SharedStages sm{tiles, full, full + kStages};
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&sm.full[s], full_arrivals);
+      ptx::mbar_init(&sm.empty[s], kConsumerWarps);
+    }
+    ptx::mbar_init_fence();
+  }
+  __syncthreads();
+  return sm;
+}
+
+// Consumer warpgroup `warpgroup` (1 or 2, rows (warpgroup - 1) * 64 .. +63 of each tile): every
+// tile of this CTA, main loop then epilogue.
+__device__ __forceinline__ void consumer_tiles(const SharedStages& sm, const GemmParams& p, int warpgroup,
+                                               int k_blocks, int tiles_m, int tiles_n, int total_tiles) {
+  const int consumer = warpgroup - 1;
+  const int t = threadIdx.x - 128 * warpgroup;
+  const int warp = t / 32, lane = t % 32;
+  PipeState pipe;
+  float acc[kAccRegs], fresh[kAccRegs], corr[kAccRegs];
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
+    consumer_mainloop(sm, consumer, k_blocks, lane == 0, pipe, acc, fresh, corr);
+    consumer_epilogue(p, tc, consumer, warp, lane, acc, corr);
+  }
+}
 #endif
 
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
