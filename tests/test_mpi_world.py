@@ -86,3 +86,13 @@ def test_mpiexec_command_runs_this_interpreter_whatever_path_says(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(f"RANK_RAN={sys.executable}\n") == 2, proc.stdout
+
+
+def test_gloo_ddp_job_exits_cleanly_after_a_last_collective():
+    """Without init()'s exit hook about one such run in five aborted at interpreter shutdown
+    (2-core machine, MPICH); twelve runs miss that with probability under 5 %."""
+    for attempt in range(12):
+        proc, reports = run_workers("mpiexec", 2, "gloo_exit_worker.py", timeout=120)
+        assert proc.returncode == 0, f"run {attempt}: " + proc.stderr[-3000:]
+        assert sorted(r["rank"] for r in reports) == [0, 1]
+        assert all(r["gathered"] == [{"rank": 0}, {"rank": 1}] for r in reports)

@@ -5,6 +5,7 @@ import datetime
 import hashlib
 import os
 import socket
+import time
 
 import torch.distributed as dist
 
@@ -17,6 +18,7 @@ BACKEND = "hpc_mpi"
 _base = None          # a duplicate of COMM_WORLD that only builds sub-communicators
 _default_options = None  # the default group's: new groups without pg_options take them
 _atexit_registered = False
+_exit_yield_registered = False
 
 
 def _comm_module():
@@ -123,4 +125,15 @@ def init(backend: str = BACKEND, options: Options | None = None, **kwargs) -> La
                        ("LOCAL_WORLD_SIZE", launch.local_world_size)):
         os.environ.setdefault(key, str(value))
     dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+    _yield_to_backend_threads_at_exit()
     return launch
+
+
+def _yield_to_backend_threads_at_exit():
+    """A backend's worker thread (gloo's) frees a finished collective's tensors after wait()
+    returns, taking the GIL to do so; one still waiting for it when the interpreter shuts down
+    aborts the process. Releasing the GIL for a moment at exit, before shutdown, lets it finish."""
+    global _exit_yield_registered
+    if not _exit_yield_registered:
+        atexit.register(time.sleep, 0.02)
+        _exit_yield_registered = True
