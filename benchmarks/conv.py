@@ -203,13 +203,17 @@ def network_step(name, precision, args, device):
     """Median seconds of a training step, after warm-up."""
     torch.manual_seed(0)
     model, x, loss_fn = network(name, args.batch, args.scale, device)
-    if precision == "torch_hpc":
+    if args.channels_last and x.dim() == 4:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if precision in ("torch_hpc", "implicit"):
         torch_hpc.emulate_fp32(model)
+    implicit = torch_hpc.backends.conv.flags(implicit_gemm=precision == "implicit")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seconds = []
     try:
+        implicit.__enter__()
         for i in range(args.warmup + args.reps):
             sync()
             t0 = time.perf_counter()
@@ -220,12 +224,15 @@ def network_step(name, precision, args, device):
             if i >= args.warmup:
                 seconds.append(time.perf_counter() - t0)
     finally:
+        implicit.__exit__(None, None, None)
         torch.backends.cudnn.allow_tf32 = False
     return statistics.median(seconds)
 
 
 def bench_networks(args, device):
     precisions = ["fp32", "tf32", "torch_hpc"] if device == "cuda" else ["fp32", "torch_hpc"]
+    if device == "cuda" and "implicit" in args.methods:
+        precisions.append("implicit")
     out = {}
     for name in args.networks:
         times = {p: network_step(name, p, args, device) for p in precisions}
@@ -295,6 +302,8 @@ def main(argv=None):
                    help="im2col: the emulated products on every layer (torch_hpc.conv2d takes them "
                         "only for large pointwise layers), to measure where they would win; implicit: "
                         "torch_hpc.conv2d with torch_hpc.backends.conv.implicit_gemm on")
+    p.add_argument("--channels-last", action="store_true",
+                   help="--networks: model and input in channels_last, for every method")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--samples", type=int, default=4, help="batch samples the accuracy uses")

@@ -59,9 +59,9 @@ gemm = _Gemm()
 
 class _Conv:
     """implicit_gemm (default False): 2-D convolutions with channel counts that are multiples of
-    64 (groups 1) run torch_hpc's implicit-GEMM kernel (compute capability 9.0, sm_90a builds):
-    the forward and the stride-1 input gradient; the weight gradient stays on cuDNN fp32 (TF32
-    off). Off by default until it has been measured against cuDNN on a GPU (docs/conv.md)."""
+    64 (groups 1) run torch_hpc's implicit-GEMM kernel (compute capability 9.0, sm_90a builds),
+    forward and both gradients. Off by default until it has been measured against cuDNN on a
+    GPU (docs/conv.md)."""
 
     implicit_gemm = False
 

@@ -13,7 +13,8 @@ Where it runs:
   with no patch copy; they run the emulated product wherever torch_hpc's GEMM would emulate
   that size (torch.ops.torch_hpc.emulates, decided from shapes: no host sync). With
   torch_hpc.backends.conv.implicit_gemm on (off by default, not yet measured on a GPU), 2-D
-  layers with channel counts that are multiples of 64 run the implicit-GEMM kernel on sm90.
+  layers with channel counts that are multiples of 64 run the implicit-GEMM kernel on sm90,
+  forward and both gradients (as forward convolutions, docs/conv.md).
   Everything else runs cuDNN in fp32 with TF32 off: gathering patches in memory costs more than
   it saves on the current kernels (docs/gemm.md).
 Tensors that are not float32, and anything under autocast, go to F.conv*d itself.
@@ -181,45 +182,120 @@ def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
     out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return out if _channels_last(x, 2) else out.contiguous()
+    # channels_last if the input or the weight is, as cuDNN's convolution gives it
+    return out if _channels_last(x, 2) or _channels_last(weight, 2) else out.contiguous()
 
 
 class _ImplicitConv2d(torch.autograd.Function):
-    """The implicit-GEMM kernel's forward; input gradient by the same kernel where the stride is
-    1 (a convolution of the output gradient with the flipped, transposed weight), else, and for
-    the weight gradient, cuDNN fp32 with TF32 off."""
+    """The implicit-GEMM kernel's forward, and both gradients as forward convolutions on the same
+    kernel (_input_grad_by_convs, _weight_grad_by_conv)."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation):
         ctx.save_for_backward(x, weight)
         ctx.conv = (stride, padding, dilation)
         cl = torch.channels_last
-        return torch.ops.torch_hpc.conv2d_implicit(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
-                                                   list(stride), list(padding), list(dilation))
+        return _implicit_op(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
+                            list(stride), list(padding), list(dilation))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         want_x, want_w = ctx.needs_input_grad[:2]
-        grad_x = grad_w = None
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
             grad_x, grad_w = _differentiable_grads(x, weight, grad, stride, padding, dilation, 1, want_x, want_w)
             return grad_x, grad_w, None, None, None
-        kernel = weight.shape[2:]
-        flipped_pads = [dilation[d] * (kernel[d] - 1) - padding[d] for d in range(2)]
-        if want_x and stride == (1, 1) and min(flipped_pads) >= 0:
-            cl = torch.channels_last
-            flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=cl)
-            grad_x = torch.ops.torch_hpc.conv2d_implicit(grad.contiguous(memory_format=cl), flipped, [1, 1],
-                                                         flipped_pads, list(dilation))
-        mask = [want_x and grad_x is None, want_w, False]
-        if any(mask):
-            grads = torch.ops.torch_hpc.conv_fp32_backward(grad, x, weight, list(stride), list(padding),
-                                                          list(dilation), 1, mask)
-            grad_x = grads[0] if mask[0] else grad_x
-            grad_w = grads[1] if mask[1] else None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = _input_grad_by_convs(grad, weight, x.shape[2:], stride, padding, dilation, _implicit_op) \
+            if want_x else None
+        grad_w = _weight_grad_by_conv(x, grad, weight.shape[2:], stride, padding, dilation, _implicit_op) \
+            if want_w else None
+        if grad_x is not None and not _channels_last(x, 2):  # in the input's memory format
+            grad_x = grad_x.contiguous()
+        if grad_w is not None:
+            grad_w = grad_w.contiguous(memory_format=torch.channels_last if _channels_last(weight, 2)
+                                       else torch.contiguous_format)
         return grad_x, grad_w, None, None, None
+
+
+def _implicit_op(x, weight, stride, padding, dilation):
+    return torch.ops.torch_hpc.conv2d_implicit(x, weight, list(stride), list(padding), list(dilation))
+
+
+def _input_grad_by_convs(grad, weight, in_size, stride, padding, dilation, conv):
+    """dL/dinput of F.conv2d(x, weight, None, stride, padding, dilation) (x of spatial size
+    in_size) from the output gradient, as stride-1 convolutions of it: one per stride phase
+    (input pixels (i, j) with i % stride_h, j % stride_w fixed), each with the taps that reach
+    that phase, flipped and with in/out channels swapped. conv(x, w, stride, padding, dilation)
+    is F.conv2d's signature without bias (symmetric padding); tensors channels_last."""
+    cl = torch.channels_last
+    phases = [[_phase(f, stride[d], padding[d], dilation[d], weight.shape[2 + d], in_size[d],
+                      grad.shape[2 + d]) for f in range(min(stride[d], in_size[d]))] for d in range(2)]
+    out = None
+    if stride[0] * stride[1] > 1:
+        out = torch.empty((grad.shape[0], weight.shape[1], *in_size), dtype=grad.dtype,
+                          device=grad.device, memory_format=cl)
+        if any(p is None for p in phases[0] + phases[1]):
+            out.zero_()  # phases no tap reaches
+    for fh, ph in enumerate(phases[0]):
+        for fw, pw in enumerate(phases[1]):
+            if ph is None or pw is None:
+                continue
+            w = weight[:, :, ph.taps][:, :, :, pw.taps].transpose(0, 1).contiguous(memory_format=cl)
+            y = conv(grad, w, [1, 1], [ph.pad, pw.pad], [ph.dilation, pw.dilation])
+            y = y[:, :, ph.offset:ph.offset + ph.length, pw.offset:pw.offset + pw.length]
+            if out is None:  # stride 1: the one phase is the whole gradient
+                return y if y.is_contiguous(memory_format=cl) else y.contiguous(memory_format=cl)
+            out[:, :, fh::stride[0], fw::stride[1]] = y
+    return out
+
+
+class _Phase:
+    """One stride phase of an input gradient along one dimension: input positions f + stride j,
+    j < length, are sum over u of grad[j + u dilation - pad + offset] weight[taps[u]]."""
+    __slots__ = ("taps", "dilation", "pad", "offset", "length")
+
+    def __init__(self, taps, dilation, pad, offset, length):
+        self.taps, self.dilation, self.pad, self.offset, self.length = taps, dilation, pad, offset, length
+
+
+def _phase(f, stride, padding, dilation, kernel, size, out_size):
+    """Input position i = f + stride j receives grad[o] weight[r] where o stride = i + padding -
+    r dilation: taps r with (f + padding - r dilation) % stride == 0, at o = j + t_r. In
+    descending r, t_r rises by dilation / gcd(stride, dilation): a stride-1 convolution."""
+    taps = [r for r in range(kernel - 1, -1, -1) if (f + padding - r * dilation) % stride == 0]
+    length = (size - f + stride - 1) // stride
+    if not taps or length <= 0:
+        return None
+    step = dilation // math.gcd(stride, dilation)
+    first = (f + padding - taps[0] * dilation) // stride  # t of the first (largest) tap
+    before = -first
+    after = (length - 1) + first + step * (len(taps) - 1) - (out_size - 1)
+    pad = max(before, after, 0)
+    return _Phase(taps, step, pad, pad - before, length)
+
+
+def _weight_grad_by_conv(x, grad, kernel, stride, padding, dilation, conv, channel_multiple=64):
+    """dL/dweight of F.conv2d(x, weight, None, stride, padding, dilation) as one convolution:
+    dW[k, c, r, s] = sum over (n, p, q) of grad[n, k, p, q] x[n, c, p stride + r dilation - pad]
+    = conv(x^T, grad^T, stride=dilation, padding, dilation=stride)[c, k, r, s], with x^T the
+    input's channels as images and its batch as channels (zero-padded to channel_multiple),
+    grad^T likewise the weight. conv as in _input_grad_by_convs; the result channels_last."""
+    cl = torch.channels_last
+    batch = x.shape[0]
+    padded = -(-batch // channel_multiple) * channel_multiple
+
+    def images_as_channels(t):
+        out = torch.empty((t.shape[1], padded, *t.shape[2:]), dtype=t.dtype, device=t.device,
+                          memory_format=cl)
+        out[:, :batch].copy_(t.transpose(0, 1))
+        if padded > batch:
+            out[:, batch:].zero_()
+        return out
+
+    y = conv(images_as_channels(x), images_as_channels(grad), list(dilation), list(padding), list(stride))
+    return y[:, :, :kernel[0], :kernel[1]].transpose(0, 1)
 
 
 def _cudnn_fp32(n, input, weight, bias, stride, pads, dilation, groups, traced=False):

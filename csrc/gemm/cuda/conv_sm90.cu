@@ -3,7 +3,9 @@
 // gathers them from the input's split planes with cp.async (zero-filled where a patch reaches
 // into the padding), and B = the weight's planes by TMA. Each k-block is 64 channels of one
 // filter tap, so every row of an A tile is 128 contiguous bytes of one input pixel. The
-// exponent of a row is its image's (constant over k), so the epilogue is the GEMM's.
+// exponent of a row is its image's (constant over k), so the epilogue is the GEMM's. Layers
+// with fewer tiles than SMs split K (gemm.batch slices of k_slice k-blocks, partial outputs
+// summed by the host).
 // Torch-free: see kernels.h.
 #include "sm90_pipeline.cuh"
 
@@ -28,8 +30,8 @@ struct WeightMaps {
 // of a stage are waited for (cp.async groups) one stage later, fenced for the tensor core's
 // async proxy, and only then announced, so that two stages of copies stay in flight.
 __device__ __forceinline__ void conv_producer(const SharedStages& sm, const ConvParams& p,
-                                              const WeightMaps& maps, int k_blocks, int tiles_m,
-                                              int tiles_n, int total_tiles) {
+                                              const WeightMaps& maps, int k_blocks, int k_slice,
+                                              int tiles_m, int tiles_n, int total_tiles) {
   const int t = threadIdx.x;
   const int64_t pixels = int64_t(p.out_h) * p.out_w;
   PipeState pipe;
@@ -49,7 +51,8 @@ __device__ __forceinline__ void conv_producer(const SharedStages& sm, const Conv
     const uint16_t* x_hi = p.x_hi + image * p.x_k_pad;
     const uint16_t* x_lo = p.x_lo + image * p.x_k_pad;
     const int h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
-    for (int kb = 0; kb < k_blocks; ++kb) {
+    const KRange ks = k_range(tc.batch, k_blocks, k_slice);
+    for (int kb = ks.first; kb < ks.end; ++kb) {
       const int stage = pipe.stage;
       ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
       uint8_t* dst = sm.tiles + stage * kStageBytes;
@@ -92,8 +95,8 @@ __device__ __forceinline__ void conv_producer(const SharedStages& sm, const Conv
 
 __global__ void __launch_bounds__(kThreads, 1)
     conv_sm90_kernel(const __grid_constant__ CUtensorMap map_w_hi,
-                     const __grid_constant__ CUtensorMap map_w_lo, ConvParams p, int tiles_m,
-                     int tiles_n, int total_tiles) {
+                     const __grid_constant__ CUtensorMap map_w_lo, ConvParams p, int k_slice,
+                     int tiles_m, int tiles_n, int total_tiles) {
 #if defined(TORCH_HPC_SM90A_DEVICE)
   extern __shared__ uint8_t smem_raw[];
   const SharedStages sm = setup_stages(smem_raw, 1 + kProducerThreads);
@@ -101,10 +104,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_blocks = static_cast<int>(p.gemm.k_pad / kBK);
   if (warpgroup == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
-    conv_producer(sm, p, WeightMaps{&map_w_hi, &map_w_lo}, k_blocks, tiles_m, tiles_n, total_tiles);
+    conv_producer(sm, p, WeightMaps{&map_w_hi, &map_w_lo}, k_blocks, k_slice, tiles_m, tiles_n,
+                  total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
-    consumer_tiles(sm, p.gemm, warpgroup, k_blocks, tiles_m, tiles_n, total_tiles);
+    consumer_tiles(sm, p.gemm, warpgroup, k_blocks, k_slice, tiles_m, tiles_n, total_tiles);
   }
 #endif
 }
@@ -114,9 +118,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t stream) {
   const GemmParams& g = p.gemm;
   const int64_t tiles_m = g.m_pad / kBM, tiles_n = g.n_pad / kBN;
-  const int64_t total = tiles_m * tiles_n;
-  if (!sm90_kernel_built() || g.batch != 1 || total > INT32_MAX || g.k_pad % kBK != 0 ||
-      p.channels % kBK != 0 || g.k_pad != int64_t(p.kernel_h) * p.kernel_w * p.channels)
+  const int64_t total = g.batch * tiles_m * tiles_n, k_blocks = g.k_pad / kBK;
+  const int64_t k_slice = g.batch > 1 ? (k_blocks + g.batch - 1) / g.batch : 0;
+  if (!sm90_kernel_built() || g.batch < 1 || total > INT32_MAX || g.k_pad % kBK != 0 ||
+      p.channels % kBK != 0 || g.k_pad != int64_t(p.kernel_h) * p.kernel_w * p.channels ||
+      (g.batch > 1 && (g.batch - 1) * k_slice >= k_blocks))  // an empty slice
     return cudaErrorInvalidValue;
   CUtensorMap maps[2];
   if (!plane_map(&maps[0], g.b_hi, 1, g.n_pad, g.k_pad) || !plane_map(&maps[1], g.b_lo, 1, g.n_pad, g.k_pad))
@@ -125,7 +131,8 @@ cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t str
   if (err != cudaSuccess) return err;
   const int grid = static_cast<int>(total < sm_count ? total : sm_count);
   conv_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      maps[0], maps[1], p, static_cast<int>(tiles_m), static_cast<int>(tiles_n), static_cast<int>(total));
+      maps[0], maps[1], p, static_cast<int>(k_slice), static_cast<int>(tiles_m),
+      static_cast<int>(tiles_n), static_cast<int>(total));
   return cudaGetLastError();
 }
 

@@ -252,6 +252,17 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
 }
 
+// K slices for a convolution of `tiles` output tiles and `k_blocks` k-blocks on `sms` SMs: one
+// where the tiles fill the GPU, else enough to fill it, each at least kMinSliceBlocks long and
+// none empty (the kernel's slice is ceil(k_blocks / slices)).
+int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
+  constexpr int64_t kMinSliceBlocks = 16;
+  int64_t slices = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), k_blocks / kMinSliceBlocks);
+  if (slices <= 1) return 1;
+  while (slices > 1 && (slices - 1) * ((k_blocks + slices - 1) / slices) >= k_blocks) --slices;
+  return slices;
+}
+
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
 // channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
 // (conv_sm90.cu): the input split per image, the weight per output channel, the patches
@@ -290,23 +301,29 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   const Planes px = split_cuda(x, 1, n, x_k, 0, x_k, 1, stream);
   const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream);
   const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
-  const at::Tensor row_exponent = at::zeros({m_pad}, x.options().dtype(at::kInt));
+  const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  const int64_t slices = k_slices(m_pad / kTileRows * (pw.rows_pad / kTileRows), pw.k_pad / kTileK, sms);
+  at::Tensor row_exponent = at::zeros({m_pad}, x.options().dtype(at::kInt));
   row_exponent.narrow(0, 0, m).copy_(px.exponent[0].narrow(0, 0, n).repeat_interleave(oh * ow));
+  const at::Tensor col_exponent = slices > 1 ? pw.exponent.reshape(-1).repeat(slices) : pw.exponent;
+  if (slices > 1) row_exponent = row_exponent.repeat(slices);
+  // channels_last y is [m, k] row-major; split K sums its slices' partial outputs into it
+  const at::Tensor partial = slices > 1 ? at::empty({slices, m, k}, x.options()) : at::Tensor();
   cuda::ConvParams cp{};
   cuda::GemmParams& g = cp.gemm;
   g.b_hi = reinterpret_cast<const uint16_t*>(pw.hi.data_ptr<at::Half>());
   g.b_lo = reinterpret_cast<const uint16_t*>(pw.lo.data_ptr<at::Half>());
   g.a_exponent = row_exponent.data_ptr<int32_t>();
-  g.b_exponent = pw.exponent.data_ptr<int32_t>();
+  g.b_exponent = col_exponent.data_ptr<int32_t>();
   g.b_fallback = pw.fallback.data_ptr<int32_t>();
   g.m_pad = m_pad;
   g.n_pad = pw.rows_pad;
   g.k_pad = pw.k_pad;
-  g.c = y.data_ptr<float>();
-  g.c_stride_b = 0;
+  g.c = slices > 1 ? partial.data_ptr<float>() : y.data_ptr<float>();
+  g.c_stride_b = m * k;
   g.c_stride_m = k;
   g.c_stride_n = 1;
-  g.batch = 1;
+  g.batch = slices;
   g.m = m;
   g.n = k;
   g.k = w_k;
@@ -330,8 +347,12 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   cp.pad_w = static_cast<int>(padding[1]);
   cp.dilation_h = static_cast<int>(dilation[0]);
   cp.dilation_w = static_cast<int>(dilation[1]);
-  const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
   C10_CUDA_CHECK(cuda::launch_conv_sm90(cp, sms, stream));
+  if (slices > 1) {
+    at::Tensor y_rows = y.permute({0, 2, 3, 1}).view({m, k});
+    at::sum_out(y_rows, partial, at::IntArrayRef{0});
+    g.c = y.data_ptr<float>();
+  }
   C10_CUDA_CHECK(cuda::launch_conv_exact(cp, stream));
   return y;
 }

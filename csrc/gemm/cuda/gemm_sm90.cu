@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     tiles_n, total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
-    consumer_tiles(sm, p, warpgroup, k_blocks, tiles_m, tiles_n, total_tiles);
+    consumer_tiles(sm, p, warpgroup, k_blocks, 0, tiles_m, tiles_n, total_tiles);
   }
 #endif
 }

@@ -51,7 +51,10 @@ struct GemmParams {
 // and w read from their split planes: x's rows are images (k = in_h in_w channels, NHWC order),
 // w's rows output channels (k = kernel_h kernel_w channels). `gemm` carries the product's
 // shape and output: a_exponent per output pixel (its image's exponent), b_* the weight's
-// planes, exponents and fallback flags, c = y [m, cout] (channels_last), batch 1.
+// planes, exponents and fallback flags, c = y [m, cout] (channels_last). batch > 1 splits K:
+// slice b sums k-blocks b ceil(kb / batch) .. of every output into c + b c_stride_b (exponents
+// replicated per slice, a_exponent [batch, m_pad], b_exponent [batch, n_pad]); no slice may
+// be empty.
 struct ConvParams {
   GemmParams gemm;
   const uint16_t *x_hi, *x_lo;

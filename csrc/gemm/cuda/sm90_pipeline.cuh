@@ -190,10 +190,23 @@ __device__ __forceinline__ SharedStages setup_stages(uint8_t* smem_raw, uint32_t
   return sm;
 }
 
+// The k-blocks [first, end) of a tile of batch `batch`: all of them, or with k_slice > 0 (a
+// split K: batch b is slice b, its partial sums written at c + b c_stride_b) blocks
+// b k_slice .. min(k_blocks, (b + 1) k_slice), never empty (the host's choice of k_slice).
+struct KRange {
+  int first, end;
+};
+__device__ __forceinline__ KRange k_range(int batch, int k_blocks, int k_slice) {
+  if (k_slice <= 0) return {0, k_blocks};
+  const int first = batch * k_slice;
+  return {first, min(k_blocks, first + k_slice)};
+}
+
 // Consumer warpgroup `warpgroup` (1 or 2, rows (warpgroup - 1) * 64 .. +63 of each tile): every
 // tile of this CTA, main loop then epilogue.
 __device__ __forceinline__ void consumer_tiles(const SharedStages& sm, const GemmParams& p, int warpgroup,
-                                               int k_blocks, int tiles_m, int tiles_n, int total_tiles) {
+                                               int k_blocks, int k_slice, int tiles_m, int tiles_n,
+                                               int total_tiles) {
   const int consumer = warpgroup - 1;
   const int t = threadIdx.x - 128 * warpgroup;
   const int warp = t / 32, lane = t % 32;
@@ -201,7 +214,8 @@ __device__ __forceinline__ void consumer_tiles(const SharedStages& sm, const Gem
   float acc[kAccRegs], fresh[kAccRegs], corr[kAccRegs];
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
-    consumer_mainloop(sm, consumer, k_blocks, lane == 0, pipe, acc, fresh, corr);
+    const KRange ks = k_range(tc.batch, k_blocks, k_slice);
+    consumer_mainloop(sm, consumer, ks.end - ks.first, lane == 0, pipe, acc, fresh, corr);
     consumer_epilogue(p, tc, consumer, warp, lane, acc, corr);
   }
 }
