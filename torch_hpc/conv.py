@@ -281,7 +281,8 @@ def _weight_grad_by_conv(x, grad, kernel, stride, padding, dilation, conv, chann
     dW[k, c, r, s] = sum over (n, p, q) of grad[n, k, p, q] x[n, c, p stride + r dilation - pad]
     = conv(x^T, grad^T, stride=dilation, padding, dilation=stride)[c, k, r, s], with x^T the
     input's channels as images and its batch as channels (zero-padded to channel_multiple),
-    grad^T likewise the weight. conv as in _input_grad_by_convs; the result channels_last."""
+    grad^T likewise the weight. conv as in _input_grad_by_convs; the result is a view of its
+    output."""
     cl = torch.channels_last
     batch = x.shape[0]
     padded = -(-batch // channel_multiple) * channel_multiple
