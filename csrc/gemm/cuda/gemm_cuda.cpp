@@ -252,15 +252,21 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   return bmm_cuda_impl(a.unsqueeze(0), b.unsqueeze(0), &planes).squeeze(0);
 }
 
-// K slices for a convolution of `tiles` output tiles and `k_blocks` k-blocks on `sms` SMs: one
-// where the tiles fill the GPU, else enough to fill it, each at least kMinSliceBlocks long and
-// none empty (the kernel's slice is ceil(k_blocks / slices)).
+// K slices for a convolution of `tiles` output tiles and `k_blocks` k-blocks on `sms` SMs: the
+// count with the least modelled time, waves x (k-blocks per slice + a tile's fill and epilogue,
+// ~2 k-blocks, + writing and summing a partial output, ~5), slices of at least kMinSliceBlocks
+// and none empty (the kernel's slice is ceil(k_blocks / slices)).
 int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
-  constexpr int64_t kMinSliceBlocks = 16;
-  int64_t slices = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), k_blocks / kMinSliceBlocks);
-  if (slices <= 1) return 1;
-  while (slices > 1 && (slices - 1) * ((k_blocks + slices - 1) / slices) >= k_blocks) --slices;
-  return slices;
+  constexpr int64_t kMinSliceBlocks = 16, kTileOverhead = 2, kPartialOverhead = 5;
+  int64_t best = 1, best_cost = INT64_MAX;
+  for (int64_t slices = 1; slices == 1 || slices * kMinSliceBlocks <= k_blocks; ++slices) {
+    const int64_t per = (k_blocks + slices - 1) / slices;
+    if ((slices - 1) * per >= k_blocks) continue;  // an empty slice
+    const int64_t waves = (tiles * slices + sms - 1) / sms;
+    const int64_t cost = waves * (per + kTileOverhead + (slices > 1 ? kPartialOverhead : 0));
+    if (cost < best_cost) best = slices, best_cost = cost;
+  }
+  return best;
 }
 
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
