@@ -207,24 +207,22 @@ def network_step(name, precision, args, device):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     if precision in ("torch_hpc", "implicit"):
         torch_hpc.emulate_fp32(model)
-    implicit = torch_hpc.backends.conv.flags(implicit_gemm=precision == "implicit")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seconds = []
     try:
-        implicit.__enter__()
-        for i in range(args.warmup + args.reps):
-            sync()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x)).backward()
-            opt.step()
-            sync()
-            if i >= args.warmup:
-                seconds.append(time.perf_counter() - t0)
+        with torch_hpc.backends.conv.flags(implicit_gemm=precision == "implicit"):
+            for i in range(args.warmup + args.reps):
+                sync()
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x)).backward()
+                opt.step()
+                sync()
+                if i >= args.warmup:
+                    seconds.append(time.perf_counter() - t0)
     finally:
-        implicit.__exit__(None, None, None)
         torch.backends.cudnn.allow_tf32 = False
     return statistics.median(seconds)
 
