@@ -82,7 +82,7 @@ def conv_call(method):
     return F.conv2d
 
 
-def prepare(layer, method, batch, scale, device, seed):
+def prepare(layer, method, batch, scale, device, seed, channels_last=False):
     name, cin, cout, k, stride, size, _ = layer
     size = max(k, size // scale)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -91,6 +91,9 @@ def prepare(layer, method, batch, scale, device, seed):
     if method == "fp16":
         x = x.half().contiguous(memory_format=torch.channels_last)
         w = w.half().contiguous(memory_format=torch.channels_last)
+    elif channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(), w.requires_grad_(), {"stride": stride, "padding": k // 2}
 
 
@@ -106,6 +109,13 @@ def pass_fn(method, passname, x, w, kw):
     grad = torch.randn_like(y)
     target = x if passname == "input grad" else w
     return lambda: torch.autograd.grad(y, target, grad, retain_graph=True)
+
+
+def exact_fraction(fn, device):
+    """Share of torch_hpc's emulated outputs that one more call of fn sends to the exact path."""
+    torch_hpc.exact_path_stats(device, reset=True)
+    fn()
+    return torch_hpc.exact_path_stats(device, reset=True)["fraction"]
 
 
 def accuracy(layer, method, batch, scale, device, seed, samples):
@@ -131,7 +141,7 @@ def bench_layer(layer, args, device):
     for passname in PASSES:
         fns, work = {}, None
         for method in methods:
-            x, w, kw = prepare(layer, method, args.batch, args.scale, device, args.seed)
+            x, w, kw = prepare(layer, method, args.batch, args.scale, device, args.seed, args.channels_last)
             torch.backends.cudnn.allow_tf32 = method == "tf32"
             fns[method] = pass_fn(method, passname, x, w, kw)
             time_torch(fns[method], [()], device, args.warmup)
@@ -147,7 +157,8 @@ def bench_layer(layer, args, device):
         torch.backends.cudnn.allow_tf32 = False
         for method in methods:
             seconds = statistics.median(samples[method])
-            row.setdefault(method, {})[passname] = {"seconds": seconds, "tflops": work / seconds / 1e12}
+            row.setdefault(method, {})[passname] = {"seconds": seconds, "tflops": work / seconds / 1e12,
+                                                    "exact_fraction": exact_fraction(fns[method], device)}
         del fns
     for method in methods:
         torch.backends.cudnn.allow_tf32 = method == "tf32"
@@ -211,6 +222,7 @@ def network_step(name, precision, args, device):
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seconds = []
+    torch_hpc.exact_path_stats(device, reset=True)
     try:
         with torch_hpc.backends.conv.flags(implicit_gemm=precision == "implicit"):
             for i in range(args.warmup + args.reps):
@@ -224,7 +236,7 @@ def network_step(name, precision, args, device):
                     seconds.append(time.perf_counter() - t0)
     finally:
         torch.backends.cudnn.allow_tf32 = False
-    return statistics.median(seconds)
+    return statistics.median(seconds), torch_hpc.exact_path_stats(device, reset=True)["fraction"]
 
 
 def bench_networks(args, device):
@@ -233,10 +245,13 @@ def bench_networks(args, device):
         precisions.append("implicit")
     out = {}
     for name in args.networks:
-        times = {p: network_step(name, p, args, device) for p in precisions}
-        out[name] = {p: {"ms_per_step": 1e3 * t, "speedup_vs_fp32": times["fp32"] / t} for p, t in times.items()}
-        print(f"{name}: " + ", ".join(f"{p} {1e3 * t:.2f} ms/step ({times['fp32'] / t:.2f}x fp32)"
-                                      for p, t in times.items()), flush=True)
+        steps = {p: network_step(name, p, args, device) for p in precisions}
+        times = {p: t for p, (t, _) in steps.items()}
+        out[name] = {p: {"ms_per_step": 1e3 * t, "speedup_vs_fp32": times["fp32"] / t, "exact_fraction": e}
+                     for p, (t, e) in steps.items()}
+        print(f"{name}: " + ", ".join(f"{p} {1e3 * t:.2f} ms/step ({times['fp32'] / t:.2f}x fp32"
+                                      + (f", exact path {100 * e:.3g} %" if p in ("torch_hpc", "implicit") else "")
+                                      + ")" for p, (t, e) in steps.items()), flush=True)
     return out
 
 
@@ -261,7 +276,9 @@ def print_table(rows, methods, out=sys.stdout):
     print(f"{'layer':>20} {'pass':>12} | " + " | ".join(f"{LABELS[m]:>26}" for m in present), file=out)
     for r in rows:
         for p in PASSES:
-            cells = [f"{r[m][p]['tflops']:7.3g} TF/s err {r[m][p]['error']:.1e}" for m in present]
+            cells = [f"{r[m][p]['tflops']:7.3g} TF/s err {r[m][p]['error']:.1e}"
+                     + (f" ex {100 * r[m][p]['exact_fraction']:.2g}%" if r[m][p]["exact_fraction"] else "")
+                     for m in present]
             print(f"{r['layer']:>20} {p:>12} | " + " | ".join(f"{c:>26}" for c in cells), file=out)
 
 
@@ -293,7 +310,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--scale", type=int, default=1, help="divide every input size by this (quick runs)")
     p.add_argument("--layers", nargs="*", default=None,
-                   help="names of RESNET50 layers (default: all; the flag alone: none)")
+                   help="names or indices (0 = the stem) of RESNET50 layers (default: all; the flag "
+                        "alone: none)")
     p.add_argument("--networks", nargs="*", default=[], choices=["resnet50", "superres"],
                    help="also time whole training steps of these networks")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=METHODS,
@@ -301,7 +319,8 @@ def main(argv=None):
                         "only for large pointwise layers), to measure where they would win; implicit: "
                         "torch_hpc.conv2d with torch_hpc.backends.conv.implicit_gemm on")
     p.add_argument("--channels-last", action="store_true",
-                   help="--networks: model and input in channels_last, for every method")
+                   help="inputs and weights (layers; model and input with --networks) in channels_last, "
+                        "for every method")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--samples", type=int, default=4, help="batch samples the accuracy uses")
@@ -312,9 +331,11 @@ def main(argv=None):
     device = args.device
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    layers = [layer for layer in RESNET50 if args.layers is None or layer[0] in args.layers]
+    layers = [layer for i, layer in enumerate(RESNET50)
+              if args.layers is None or layer[0] in args.layers or str(i) in args.layers]
     card = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
-    print(f"# ResNet-50 convolutions, batch {args.batch}, input {224 // args.scale}, on {card}, "
+    print(f"# ResNet-50 convolutions, batch {args.batch}, input {224 // args.scale}, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, on {card}, "
           f"torch {torch.__version__}, {datetime.date.today()}", flush=True)
     rows, tf32 = [], torch.backends.cudnn.allow_tf32
     try:

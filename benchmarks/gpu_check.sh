@@ -4,7 +4,9 @@
 #   BUILD=0 keeps an earlier build. PARTS="gemm comm" selects what runs (default both): gemm = GEMM tests, memcheck, SASS and
 #   benchmarks/gemm.py; comm = distributed tests (CUDA tensors too) and benchmarks/comm.py;
 #   optim = DistributedOptimizer tests (CUDA model too); train = benchmarks/train.py;
-#   conv = convolution tests and benchmarks/conv.py (CONV_ARGS); ncu = Nsight Compute on one
+#   conv = convolution tests and benchmarks/conv.py (CONV_ARGS; layers by index, e.g. --layers 2 3);
+#   smoke = one product and one implicit-GEMM convolution with its gradients under a short
+#   timeout, stopping the call if they fail (a new kernel's first run); ncu = Nsight Compute on one
 #   8192^3 torch_hpc.mm (split and GEMM kernels: speed of light, pipes, stalls; NCU_SHAPE=MxNxK).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
@@ -27,13 +29,31 @@ if [ "${BUILD:-1}" = 1 ] || ! ls torch_hpc/_C*.so > /dev/null 2>&1; then  # BUIL
   echo "build: $(( $(date +%s) - t0 )) s"; grep -A8 "build configuration" "$OUT/build.log"
 fi
 
+if [[ " $PARTS " == *" smoke "* ]]; then
+  timeout 120 $PY -c "
+import torch, torch_hpc
+a = torch.randn(1000, 3000, device='cuda'); b = torch.randn(3000, 700, device='cuda')
+with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+    c = torch_hpc.mm(a, b)
+print('mm rel err', ((c.double() - a.double() @ b.double()).norm() / (a.double() @ b.double()).norm()).item())
+x = torch.randn(4, 64, 16, 16, device='cuda').contiguous(memory_format=torch.channels_last).requires_grad_()
+w = torch.randn(128, 64, 3, 3, device='cuda').requires_grad_()
+with torch_hpc.backends.conv.flags(implicit_gemm=True):
+    y = torch_hpc.conv2d(x, w, None, 1, 1)
+    y.square().sum().backward()
+torch.cuda.synchronize()
+ref = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+print('conv rel err', ((y.double() - ref).norm() / ref.norm()).item(), torch_hpc.exact_path_stats())
+" 2>&1 | tee "$OUT/smoke.log" || { echo "smoke failed"; exit 1; }
+fi
+
 if [[ " $PARTS " == *" gemm "* ]]; then
   cuobjdump -sass torch_hpc/_C*.so > /tmp/sass.txt 2>&1
   { echo "== HMMA/HGMMA counts per kernel"; awk '/Function :/{f=$3} /HGMMA/{g[f]++} /HMMA/{h[f]++} END{for(k in h) print "HMMA", h[k], k; for(k in g) print "HGMMA", g[k], k}' /tmp/sass.txt; } > "$OUT/sass.txt"
   cat "$OUT/sass.txt"
   # TESTS="tests/test_gemm.py -k cuda" narrows the suite (the whole one takes ~8 min on 16 cores)
-  $PY -m pytest ${TESTS:-tests --ignore=tests/test_hpc_mpi.py --ignore=tests/test_mpi_world.py \
-    --ignore=tests/test_torch_suite.py --ignore=tests/multinode} -q -p no:logging -rs 2>&1 | tee "$OUT/tests.log" | tail -8
+  timeout 600 $PY -m pytest ${TESTS:-tests --ignore=tests/test_hpc_mpi.py --ignore=tests/test_mpi_world.py \
+    --ignore=tests/test_torch_suite.py --ignore=tests/multinode} -q -p no:logging -rs 2>&1 | tee "$OUT/tests.log" | tail -25
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "
 import torch, torch_hpc
 for m, k, n in [(1, 1, 1), (130, 33, 129), (257, 1000, 64)]:
@@ -62,7 +82,7 @@ if [[ " $PARTS " == *" train "* ]]; then
 fi
 
 if [[ " $PARTS " == *" conv "* ]]; then
-  $PY -m pytest tests/test_conv.py -q -p no:logging -rs 2>&1 | tee "$OUT/tests-conv.log" | tail -6
+  timeout 400 $PY -m pytest tests/test_conv.py -q -p no:logging -rs -x 2>&1 | tee "$OUT/tests-conv.log" | tail -25
   timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:---networks resnet50 superres} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
 fi
 

@@ -402,31 +402,91 @@ def test_cuda_implicit_gemm_conv2d_against_fp64(case):
     with torch.backends.cudnn.flags(allow_tf32=False):
         cudnn = F.conv2d(x, w, None, **kw)
     rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert rel(got) <= max(rel(cudnn), 1e-7), (rel(got), rel(cudnn))
+    assert rel(got) <= 2 * max(rel(cudnn), 1e-7), (rel(got), rel(cudnn))  # fp32 rounding level
     assert _contract_ratio(got, ref, x, w, 2, kw) <= contract_constant(cin * k * k)
 
 
 @requires_sm90
-def test_cuda_implicit_gemm_conv2d_flagged_images_and_channels_are_exact():
-    """An image holding inf, one with a range the split cannot hold, and a weight channel with
-    NaN go to the exact path: their outputs are fp64's, the others stay emulated."""
+def test_cuda_implicit_gemm_conv2d_flagged_pixels_and_channels_are_exact():
+    """Exponents per pixel and 64 channels: a pixel holding inf, a pixel whose 64 channels span
+    more than the split's window, and a weight row with NaN go to the exact path (the outputs
+    that read them are fp64's, rounded); a pixel whose channels are 2^20 above the rest of its
+    image and a channel block 2^-20 below the pixel's others stay emulated, within the contract."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(3, 64, 8, 8, device="cuda", generator=g)
-    w = torch.randn(128, 64, 3, 3, device="cuda", generator=g)
+    x = torch.randn(3, 128, 8, 8, device="cuda", generator=g)
+    w = torch.randn(128, 128, 3, 3, device="cuda", generator=g)
     x[0, 5, 2, 3] = float("inf")
-    x[1, 7, 4, 4] = 1e-30
+    x[1, 7, 4, 4] = 1e-30                # pixel (4, 4) of image 1, channels 0-63: flagged
+    x[2, :64, 1, 6] *= 2.0**20           # one pixel far above its image: not flagged
+    x[2, 64:, 5, 5] *= 2.0**-20          # one channel block far below the pixel's other: not flagged
     w[17, 2, 1, 1] = float("nan")
     x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     ref = F.conv2d(x.double(), w.double(), None, padding=1)
     _poisoned_allocator(*ref.shape)
+    torch.ops.torch_hpc.exact_path_counts(x, True)
     got = torch.ops.torch_hpc.conv2d_implicit(x, w, [1, 1], [1, 1], [1, 1])
+    exact, total = torch.ops.torch_hpc.exact_path_counts(x, True)
+    assert total == 3 * 64 * 128 and exact == 2 * 9 * 128 + 3 * 64, (exact, total)
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
     assert torch.equal(got.isinf(), got.isinf() & (got.sign() == ref.sign()))
-    torch.testing.assert_close(got[1], ref[1].float(), rtol=2e-7, atol=0, equal_nan=True)  # exact path
+    near = got[1, :, 3:6, 3:6]  # the outputs that read pixel (4, 4) of image 1
+    torch.testing.assert_close(near, ref[1, :, 3:6, 3:6].float(), rtol=0, atol=0, equal_nan=True)
     keep = [c for c in range(128) if c != 17]
     emulated, want = got[2, keep], ref[2, keep]
     assert _contract_ratio(emulated.unsqueeze(0), want.unsqueeze(0), x[2:3], w[keep], 2, {"padding": 1}) \
-        <= contract_constant(64 * 9)
+        <= contract_constant(128 * 9)
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_route_makes_no_host_synchronisation():
+    """Forward and both gradients of the implicit-GEMM route, the split K and the exact path
+    included, decide on the device: torch's sync debug mode raises on any host synchronisation."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(4, 64, 20, 20, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, device="cuda", generator=g) / 24).requires_grad_()
+    x.requires_grad_()
+    with torch_hpc.backends.conv.flags(implicit_gemm=True):
+        torch_hpc.conv2d(x, w, None, stride=2, padding=1).sum().backward()  # warm-up (cuBLAS, caches)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = torch_hpc.conv2d(x, w, None, stride=2, padding=1)
+            out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert _graph_has(out.grad_fn, "ImplicitConv2d")
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_training_keeps_real_tensors_off_the_exact_path():
+    """A few training steps of a small CNN on sklearn's digits (upsampled to 32x32, 64-channel
+    convolutions, ReLU): its activations, output gradients and weights, in all three passes of
+    the implicit-GEMM route, send less than 1 % of the outputs to the exact path."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.tensor(digits.images[:256], dtype=torch.float32, device="cuda").unsqueeze(1) / 16
+    images = F.interpolate(images, size=32, mode="bilinear").repeat(1, 64, 1, 1)
+    labels = torch.tensor(digits.target[:256], device="cuda")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 10)).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch_hpc.exact_path_stats("cuda", reset=True)
+    with torch_hpc.backends.conv.flags(implicit_gemm=True), torch_hpc.fp32_emulation():
+        for step in range(6):
+            batch = slice(64 * (step % 4), 64 * (step % 4 + 1))
+            loss = F.cross_entropy(model(images[batch].contiguous(memory_format=torch.channels_last)),
+                                   labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    stats = torch_hpc.exact_path_stats("cuda", reset=True)
+    assert stats["outputs"] > 0 and stats["fraction"] < 0.01, stats
+    assert torch.isfinite(loss)
 
 
 def _graph_has(fn, name, depth=6):
@@ -467,7 +527,8 @@ def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, lay
     rel = lambda t, want: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
     for name, got, base, want in zip(("output", "input grad", "weight grad", "bias grad"),
                                      (out, gx, gw, gb), (cudnn, *cudnn_grads), refs):
-        assert rel(got, want) <= max(rel(base, want), 1e-7), (name, rel(got, want), rel(base, want))
+        # at most twice cuDNN fp32's error: both sit at fp32's rounding level here (~1e-7)
+        assert rel(got, want) <= 2 * max(rel(base, want), 1e-7), (name, rel(got, want), rel(base, want))
 
 
 @requires_sm90

@@ -132,6 +132,55 @@ def test_too_wide_rows_take_the_exact_path(device):
     _check_product(torch_hpc.mm(a, b), a, b, seed, "wide rows")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_of_a_row_far_apart_keep_the_emulation(device):
+    """Block mode (A's rows, 64 k per exponent): a row whose first 64 values are 2^40 above the
+    rest, or whose blocks step down by 2^-20 each, is no exact-path row and stays within the
+    contract; a block more than 96 binades below its row's largest falls back and is exact."""
+    seed = 13
+    gen = generator(device, seed)
+    a = torch.randn(96, 320, device=device, generator=gen)
+    b = torch.randn(320, 130, device=device, generator=gen)
+    a[:32, :64] *= 2.0**40                                   # a 2^40 block in each of 32 rows
+    a[32:64] *= torch.ldexp(torch.ones(320, device=device),  # 2^0, 2^-20, ..., 2^-80 by block
+                            -20 * (torch.arange(320, device=device) // 64))
+    a[64, 256:] *= 2.0**-110                                 # beyond the 96-binade shift
+    assert torch_hpc.split(a)[3][:65].all()                  # one exponent per row: all flagged
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+        torch_hpc.exact_path_stats(device, reset=True)
+        c = torch_hpc.mm(a, b)
+        stats = torch_hpc.exact_path_stats(device, reset=True)
+    assert stats["outputs"] == 96 * 130 and stats["exact_outputs"] == 130, stats  # row 64 alone
+    _check_product(c, a, b, seed, "blocks far apart")
+    ref = ref64(a, b)
+    assert c[64].double().sub(ref[64]).abs().max() <= 2.0**-24 * ref[64].abs().max()  # fp64, rounded
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_gradient_products_stay_off_the_exact_path(device):
+    """The language-model head's backward products with a 32000-word vocabulary (logits of std 2:
+    rows of the gradient span ~2^33, 9 in 10 rows fall back with one exponent per row) run
+    without the exact path in block mode, within the contract."""
+    gen = generator(device, 21)
+    tokens, vocab, width = 64, 32000, 96
+    logits = 2 * torch.randn(tokens, vocab, device=device, generator=gen)
+    target = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    grad = torch.softmax(logits, 1)
+    grad[torch.arange(tokens, device=device), target] -= 1
+    grad /= tokens
+    w = 0.02 * torch.randn(vocab, width, device=device, generator=gen)
+    x = torch.randn(tokens, width, device=device, generator=gen)
+    assert torch_hpc.split(grad)[3].float().mean() > 0.5
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+        torch_hpc.exact_path_stats(device, reset=True)
+        grad_x = torch_hpc.mm(grad, w)           # dL/dx
+        grad_w = torch_hpc.mm(grad.t(), x)       # dL/dW, the gradient's columns as rows of A
+        stats = torch_hpc.exact_path_stats(device, reset=True)
+    assert stats["exact_outputs"] == 0 and stats["outputs"] == tokens * width + vocab * width, stats
+    _check_product(grad_x, grad, w, 21, "dx")
+    _check_product(grad_w, grad.t(), x, 21, "dW")
+
+
 def _ieee_reference(a, b):
     """Elementwise IEEE fp64 products and sums (no BLAS shortcuts), rounded to fp32."""
     return (a.double().unsqueeze(2) * b.double().unsqueeze(0)).sum(1).float()

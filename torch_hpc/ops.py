@@ -73,6 +73,24 @@ def split(x: Tensor):
     return _ops.split.default(x)
 
 
+def exact_path_stats(device=None, reset: bool = False) -> dict:
+    """How much of torch_hpc's emulated work the exact path did on a device since the last
+    reset: {"outputs": outputs the emulated products and convolutions computed, "exact_outputs":
+    those the exact fp64 path recomputed (rows or pixels whose range the split's fp16 window
+    cannot hold, inf/NaN), "fraction": their ratio}. Products that took torch's own call (the
+    SGEMM fallback) are not counted. device: "cpu" or a CUDA device (default: the current one);
+    on CUDA the read waits for the device. reset=True zeroes the counts after reading them."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"torch_hpc.exact_path_stats: expected a CPU or CUDA device, got {device}")
+    exact, total = _ops.exact_path_counts.default(torch.empty(0, device=device), reset)
+    return {"outputs": total, "exact_outputs": exact, "fraction": exact / total if total else 0.0}
+
+
 def _check_matmul_args(a: Tensor, b: Tensor, dims: int, op: str) -> None:
     # Mirrors csrc/gemm/gemm.cpp so that fake tensors raise the same errors as the kernels.
     for name, t in (("a", a), ("b", b)):

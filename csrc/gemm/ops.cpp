@@ -186,6 +186,9 @@ TORCH_LIBRARY(torch_hpc, m) {
   // of 64 (torch_hpc/conv.py's implicit-GEMM route)
   m.def("conv2d_implicit(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
         "int[2] dilation) -> Tensor");
+  // [outputs the exact path recomputed, outputs computed] on like's device since the last reset
+  // (torch_hpc.exact_path_stats)
+  m.def("exact_path_counts(Tensor like, bool reset=False) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(torch_hpc, CompositeImplicitAutograd, m) {

@@ -5,6 +5,14 @@
 //   hi = fp16_rn(x * 2^-e),  lo = fp16_rn((x * 2^-e - hi) * 2^11),  x == 2^e * (hi + 2^-11 * lo) + O(2^-22 x)
 // A row falls back to the exact path when it holds inf/NaN or when an entry sits more than
 // kSplitWindow binades below the row maximum (its scaled value would leave fp16's normal range).
+//
+// Block mode (A of the sm90 kernels, both operands of the convolution): each kScaleBlock values
+// of a row (one k-block) get their own exponent e_b by the same rule, so the window holds per
+// block, not per row. The row keeps a base exponent e (the largest e_b, or its group's: the
+// rows of one image in a convolution) applied at the end; the block's partial products are
+// multiplied by its factor 2^(e_b - e) when the kernel promotes them into the fp32 accumulator.
+// A row falls back when one of its blocks does, or when a nonzero block lies more than
+// `max_shift` binades below the base (its factor would leave fp32's normal range).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +32,11 @@ namespace gemm {
 constexpr int kHiTopExponent = 14;   // scaled row maximum lies in [2^14, 2^15)
 constexpr int kLoShift = 11;         // lo carries the residual times 2^11
 constexpr int kSplitWindow = 28;     // entries below 2^(emax - 28) would be subnormal after scaling
+constexpr int kScaleBlock = 64;      // values sharing one exponent in block mode (one k-block)
+// Largest base - e_b kept in block mode: with one factor per product (A's blocks), the smallest
+// scaled product of the window, 2^-28, times 2^-96 stays a normal fp32; with factors on both
+// operands (the convolution) each side keeps half.
+constexpr int kMaxBlockShift = 96;
 constexpr uint32_t kAbsInfBits = 0x7f800000u;
 constexpr uint32_t kNoNonzero = 0xffffffffu;
 
@@ -138,6 +151,21 @@ TORCH_HPC_HD RowScale row_scale(uint32_t max_abs, uint32_t min_nonzero_abs) {
   const int emax = floor_log2_abs_bits(max_abs);
   const int emin = floor_log2_abs_bits(min_nonzero_abs);
   return {emax - kHiTopExponent, emin < emax - kSplitWindow};
+}
+
+// Block mode: the factor 2^(block_exponent - base_exponent) of a block, 0 when the block falls
+// back (its own window, inf/NaN, or more than max_shift binades below the base).
+TORCH_HPC_HD float block_factor(RowScale block, int base_exponent, int max_shift) {
+  if (block.fallback) return 0.0f;
+  const int shift = block.exponent - base_exponent;
+  if (shift > 0 || shift < -max_shift) return 0.0f;
+  return bits_float(static_cast<uint32_t>(127 + shift) << 23);
+}
+
+// The base exponent of a row (or group of rows) in block mode from the largest finite |x| among
+// its blocks that did not fall back (0 when there is none).
+TORCH_HPC_HD int base_exponent(uint32_t finite_max_abs) {
+  return finite_max_abs == 0 ? 0 : floor_log2_abs_bits(finite_max_abs) - kHiTopExponent;
 }
 
 // Splits one value of a row. Fallback rows get zeros: the exact path overwrites their outputs.

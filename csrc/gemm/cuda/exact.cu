@@ -19,10 +19,14 @@ constexpr int kFallbackTile = 32;
 __global__ void __launch_bounds__(256) collect_fallback_kernel(GemmParams p, int64_t batch_offset) {
   const int64_t b = batch_offset + blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < p.m && p.a_fallback[b * p.m_pad + i])
+  if (i < p.m && p.a_fallback[b * p.m_pad + i]) {
     p.fallback_rows[b * p.m_pad + atomicAdd(&p.fallback_counts[2 * b], 1)] = static_cast<int32_t>(i);
-  if (i < p.n && p.b_fallback[b * p.n_pad + i])
+    if (p.exact_outputs != nullptr) atomicAdd(p.exact_outputs, static_cast<unsigned long long>(p.n));
+  }
+  if (i < p.n && p.b_fallback[b * p.n_pad + i]) {
     p.fallback_cols[b * p.n_pad + atomicAdd(&p.fallback_counts[2 * b + 1], 1)] = static_cast<int32_t>(i);
+    if (p.exact_outputs != nullptr) atomicAdd(p.exact_outputs, static_cast<unsigned long long>(p.m));
+  }
 }
 
 __global__ void __launch_bounds__(1024) fallback_kernel(GemmParams p, int64_t batch_offset) {

@@ -7,10 +7,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
+#include <vector>
 
 #include "../checks.h"
 #include "../settings.h"
+#include "../split.h"
 #include "../torch_path.h"
 #include "kernels.h"
 
@@ -21,18 +24,30 @@ namespace {
 struct Planes {
   at::Tensor hi, lo, exponent, fallback;
   int64_t rows_pad, k_pad;
+  at::Tensor factor;  // block mode: [batch, k_pad / 64, rows_pad] fp32 (../split.h)
 };
+
+// How split_cuda lays out the exponents (../split.h): one per row, or block mode with a base
+// exponent per `base_rows` rows and blocks at most `max_shift` binades below it.
+struct SplitMode {
+  bool blocks;
+  int64_t base_rows;
+  int max_shift;
+};
+constexpr SplitMode kPerRow{false, 1, 0};
+constexpr SplitMode kBlocks{true, 1, kMaxBlockShift};
 
 // x viewed as [batch, rows, k] through (sb, sr, sk).
 Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, int64_t sb,
-                  int64_t sr, int64_t sk, cudaStream_t stream) {
+                  int64_t sr, int64_t sk, cudaStream_t stream, SplitMode mode = kPerRow) {
   const int64_t rows_pad = round_up(rows, kTileRows);
   const int64_t k_pad = round_up(k, kTileK);
   const auto opts = x.options();
   Planes p{at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
            at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
            at::empty({batch, rows_pad}, opts.dtype(at::kInt)),
-           at::empty({batch, rows_pad}, opts.dtype(at::kInt)), rows_pad, k_pad};
+           at::empty({batch, rows_pad}, opts.dtype(at::kInt)), rows_pad, k_pad,
+           mode.blocks ? at::empty({batch, k_pad / kScaleBlock, rows_pad}, opts) : at::Tensor()};
   const at::Tensor stats = at::empty({2, batch, rows_pad}, opts.dtype(at::kInt));
   cuda::SplitParams sp{x.data_ptr<float>(),
                        batch, rows, k, sb, sr, sk,
@@ -42,9 +57,28 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
                        p.fallback.data_ptr<int32_t>(),
                        reinterpret_cast<uint32_t*>(stats[0].data_ptr<int32_t>()),
                        reinterpret_cast<uint32_t*>(stats[1].data_ptr<int32_t>()),
-                       rows_pad, k_pad};
+                       rows_pad, k_pad,
+                       mode.blocks ? p.factor.data_ptr<float>() : nullptr,
+                       mode.base_rows, mode.max_shift};
   C10_CUDA_CHECK(cuda::launch_split(sp, stream));
   return p;
+}
+
+// Outputs the exact path recomputed (a counter on each device, added to by the kernels) and
+// outputs computed (host), since the last reset: torch_hpc.exact_path_stats.
+constexpr int kMaxDevices = 64;
+std::atomic<int64_t> outputs_computed[kMaxDevices];
+std::mutex exact_counter_mutex;
+at::Tensor exact_counters[kMaxDevices];
+
+unsigned long long* exact_counter(const at::Tensor& like, int64_t outputs) {
+  const int device = like.get_device();
+  if (device < 0 || device >= kMaxDevices) return nullptr;
+  outputs_computed[device].fetch_add(outputs, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lock(exact_counter_mutex);
+  if (!exact_counters[device].defined())
+    exact_counters[device] = at::zeros({1}, like.options().dtype(at::kLong));
+  return reinterpret_cast<unsigned long long*>(exact_counters[device].data_ptr<int64_t>());
 }
 
 // The kernel torch_hpc.backends.gemm.kernel asks for on x's device ("auto": wgmma where it runs).
@@ -130,7 +164,9 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   if (c.numel() == 0) return c;
   if (k == 0) return c.zero_();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Planes pa = split_cuda(a, batch, m, k, a.stride(0), a.stride(1), a.stride(2), stream);
+  const bool sm90 = kernel == cuda::GemmKernel::sm90;  // takes A in block mode
+  const Planes pa = split_cuda(a, batch, m, k, a.stride(0), a.stride(1), a.stride(2), stream,
+                               sm90 ? kBlocks : kPerRow);
   const Planes pb = b_planes != nullptr
                         ? *b_planes
                         : split_cuda(b, batch, n, k, b.stride(0), b.stride(2), b.stride(1), stream);
@@ -142,6 +178,7 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   gp.a_exponent = pa.exponent.data_ptr<int32_t>();
   gp.b_exponent = pb.exponent.data_ptr<int32_t>();
   gp.a_fallback = pa.fallback.data_ptr<int32_t>();
+  gp.a_factor = sm90 ? pa.factor.data_ptr<float>() : nullptr;
   gp.b_fallback = pb.fallback.data_ptr<int32_t>();
   gp.m_pad = pa.rows_pad;
   gp.n_pad = pb.rows_pad;
@@ -168,6 +205,7 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   gp.fallback_rows = rows.data_ptr<int32_t>();
   gp.fallback_cols = cols.data_ptr<int32_t>();
   gp.fallback_counts = counts.data_ptr<int32_t>();
+  gp.exact_outputs = exact_counter(a, batch * m * n);
   C10_CUDA_CHECK(cuda::launch_gemm(gp, kernel, stream));
   return c;
 }
@@ -271,8 +309,9 @@ int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
 
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
 // channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
-// (conv_sm90.cu): the input split per image, the weight per output channel, the patches
-// gathered by the kernel; images or channels the split flags recomputed exactly.
+// (conv_sm90.cu): the input split per pixel and 64 channels with a base per image, the weight
+// per output channel and 64 of (r, s, c), the patches gathered by the kernel; outputs that read
+// a pixel or weight row the split flags are recomputed exactly (conv_exact.cu).
 at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
   constexpr const char* name = "torch_hpc.conv2d_implicit";
@@ -303,18 +342,24 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   at::Tensor y = at::empty({n, k, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t x_k = h * wd * c, w_k = r * s * c;
-  const Planes px = split_cuda(x, 1, n, x_k, 0, x_k, 1, stream);
-  const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream);
+  // block mode on both operands, so each keeps half of the shift a factor may take
+  const int64_t pixels_in = h * wd, w_k = r * s * c;
+  const SplitMode x_mode{true, pixels_in, kMaxBlockShift / 2}, w_mode{true, 1, kMaxBlockShift / 2};
+  const Planes px = split_cuda(x, 1, n * pixels_in, c, 0, c, 1, stream, x_mode);
+  const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream, w_mode);
   const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
   const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
   const int64_t slices = k_slices(m_pad / kTileRows * (pw.rows_pad / kTileRows), pw.k_pad / kTileK, sms);
-  at::Tensor row_exponent = at::zeros({m_pad}, x.options().dtype(at::kInt));
-  row_exponent.narrow(0, 0, m).copy_(px.exponent[0].narrow(0, 0, n).repeat_interleave(oh * ow));
+  // an output pixel's exponent is its image's base (every pixel row of x holds it)
+  at::Tensor row_exponent = at::zeros({slices, m_pad}, x.options().dtype(at::kInt));
+  row_exponent.narrow(1, 0, m).view({slices, n, oh * ow}).copy_(
+      px.exponent[0].narrow(0, 0, n * pixels_in).view({n, pixels_in}).narrow(1, 0, 1).unsqueeze(0)
+          .expand({slices, n, oh * ow}));
   const at::Tensor col_exponent = slices > 1 ? pw.exponent.reshape(-1).repeat(slices) : pw.exponent;
-  if (slices > 1) row_exponent = row_exponent.repeat(slices);
   // channels_last y is [m, k] row-major; split K sums its slices' partial outputs into it
   const at::Tensor partial = slices > 1 ? at::empty({slices, m, k}, x.options()) : at::Tensor();
+  const at::Tensor marks = at::empty({m}, x.options().dtype(at::kInt));
+  const at::Tensor w_list = at::empty({k + 1}, x.options().dtype(at::kInt));  // list, then count
   cuda::ConvParams cp{};
   cuda::GemmParams& g = cp.gemm;
   g.b_hi = reinterpret_cast<const uint16_t*>(pw.hi.data_ptr<at::Half>());
@@ -333,10 +378,13 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   g.m = m;
   g.n = k;
   g.k = w_k;
+  g.exact_outputs = exact_counter(x, m * k);
   cp.x_hi = reinterpret_cast<const uint16_t*>(px.hi.data_ptr<at::Half>());
   cp.x_lo = reinterpret_cast<const uint16_t*>(px.lo.data_ptr<at::Half>());
-  cp.x_k_pad = px.k_pad;
+  cp.x_factor = px.factor.data_ptr<float>();
+  cp.x_rows_pad = px.rows_pad;
   cp.x_fallback = px.fallback.data_ptr<int32_t>();
+  cp.w_factor = pw.factor.data_ptr<float>();
   cp.x = x.data_ptr<float>();
   cp.w = w.data_ptr<float>();
   cp.images = static_cast<int>(n);
@@ -353,14 +401,36 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   cp.pad_w = static_cast<int>(padding[1]);
   cp.dilation_h = static_cast<int>(dilation[0]);
   cp.dilation_w = static_cast<int>(dilation[1]);
+  cp.marks = marks.data_ptr<int32_t>();
+  cp.w_list = w_list.data_ptr<int32_t>();
+  cp.w_count = cp.w_list + k;
   C10_CUDA_CHECK(cuda::launch_conv_sm90(cp, sms, stream));
   if (slices > 1) {
     at::Tensor y_rows = y.permute({0, 2, 3, 1}).view({m, k});
     at::sum_out(y_rows, partial, at::IntArrayRef{0});
     g.c = y.data_ptr<float>();
   }
-  C10_CUDA_CHECK(cuda::launch_conv_exact(cp, stream));
+  C10_CUDA_CHECK(cuda::launch_conv_exact(cp, sms, stream));
   return y;
+}
+
+// torch_hpc::exact_path_counts: [outputs the exact path recomputed, outputs computed] on
+// like's device since the last reset (reading the device counter waits for the stream).
+std::vector<int64_t> exact_path_counts_cuda(const at::Tensor& like, bool reset) {
+  const int device = like.get_device();
+  TORCH_CHECK_VALUE(device >= 0 && device < kMaxDevices, "torch_hpc.exact_path_stats: device index ",
+                    device, " out of range");
+  const c10::cuda::CUDAGuard guard(like.device());
+  int64_t exact = 0;
+  {
+    std::lock_guard<std::mutex> lock(exact_counter_mutex);
+    if (exact_counters[device].defined()) {
+      exact = exact_counters[device].item<int64_t>();
+      if (reset) exact_counters[device].zero_();
+    }
+  }
+  const int64_t total = reset ? outputs_computed[device].exchange(0) : outputs_computed[device].load();
+  return {exact, total};
 }
 
 const bool sgemm_rule_registered = (register_cuda_sgemm_rule(&prefer_sgemm), true);
@@ -376,6 +446,7 @@ TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
   m.impl("split_planes", &split_planes_cuda);
   m.impl("mm_planes", &mm_planes_cuda);
   m.impl("conv2d_implicit", &conv2d_implicit_cuda);
+  m.impl("exact_path_counts", &exact_path_counts_cuda);
 }
 
 }  // namespace gemm

@@ -1,6 +1,7 @@
 // sm90 GEMM stage, Hopper (sm_90a) only: the producer TMA-loads the four fp16 planes of each
-// k-block; the consumers, the pipeline and the epilogue are sm90_pipeline.cuh's. A persistent
-// grid. Torch-free: see kernels.h.
+// k-block and the block factors of A's rows (A split in block mode, B one exponent per column);
+// the consumers, the pipeline and the epilogue are sm90_pipeline.cuh's. A persistent grid.
+// Torch-free: see kernels.h.
 #include "sm90_pipeline.cuh"
 
 namespace torch_hpc {
@@ -13,11 +14,11 @@ using namespace sm90;  // NOLINT: the shared pipeline
 
 #if !defined(__CUDA_ARCH__) || defined(TORCH_HPC_SM90A_DEVICE)
 struct PlaneMaps {
-  const CUtensorMap *a_hi, *a_lo, *b_hi, *b_lo;
+  const CUtensorMap *a_hi, *a_lo, *b_hi, *b_lo, *a_factor;
 };
 
-// Producer (one thread): for each tile of this CTA, every k-block's four planes by TMA into
-// the next free stage.
+// Producer (one thread): for each tile of this CTA, every k-block's four planes and A's factors
+// by TMA into the next free stage.
 __device__ __forceinline__ void producer_load(const SharedStages& sm, const PlaneMaps& maps,
                                               int k_blocks, int tiles_m, int tiles_n,
                                               int total_tiles) {
@@ -28,13 +29,14 @@ __device__ __forceinline__ void producer_load(const SharedStages& sm, const Plan
     for (int kb = 0; kb < k_blocks; ++kb) {
       const int stage = pipe.stage;
       ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
-      ptx::mbar_arrive_expect_tx(&sm.full[stage], kStageBytes);
-      uint8_t* dst = sm.tiles + stage * kStageBytes;
+      ptx::mbar_arrive_expect_tx(&sm.full[stage], 4 * kPlaneBytes + kFactorBytes);
+      uint8_t* dst = stage_tiles(sm, stage);
       const int k0 = kb * kBK;
       ptx::tma_load_3d(dst, maps.a_hi, &sm.full[stage], k0, m0, tc.batch);
       ptx::tma_load_3d(dst + kPlaneBytes, maps.a_lo, &sm.full[stage], k0, m0, tc.batch);
       ptx::tma_load_3d(dst + 2 * kPlaneBytes, maps.b_hi, &sm.full[stage], k0, n0, tc.batch);
       ptx::tma_load_3d(dst + 3 * kPlaneBytes, maps.b_lo, &sm.full[stage], k0, n0, tc.batch);
+      ptx::tma_load_3d(a_factors(sm, stage), maps.a_factor, &sm.full[stage], m0, kb, tc.batch);
       pipe.advance();
     }
   }
@@ -46,7 +48,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap map_a_hi,
                      const __grid_constant__ CUtensorMap map_a_lo,
                      const __grid_constant__ CUtensorMap map_b_hi,
-                     const __grid_constant__ CUtensorMap map_b_lo, GemmParams p, int tiles_m,
+                     const __grid_constant__ CUtensorMap map_b_lo,
+                     const __grid_constant__ CUtensorMap map_a_factor, GemmParams p, int tiles_m,
                      int tiles_n, int total_tiles) {
 #if defined(TORCH_HPC_SM90A_DEVICE)
   extern __shared__ uint8_t smem_raw[];
@@ -56,11 +59,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0)
-      producer_load(sm, PlaneMaps{&map_a_hi, &map_a_lo, &map_b_hi, &map_b_lo}, k_blocks, tiles_m,
-                    tiles_n, total_tiles);
+      producer_load(sm, PlaneMaps{&map_a_hi, &map_a_lo, &map_b_hi, &map_b_lo, &map_a_factor},
+                    k_blocks, tiles_m, tiles_n, total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
-    consumer_tiles(sm, p, warpgroup, k_blocks, 0, tiles_m, tiles_n, total_tiles);
+    consumer_tiles<false>(sm, p, warpgroup, k_blocks, 0, tiles_m, tiles_n, total_tiles);
   }
 #endif
 }
@@ -78,18 +81,19 @@ bool sm90_kernel_built() {
 cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream) {
   const int64_t tiles_m = p.m_pad / kBM, tiles_n = p.n_pad / kBN;
   const int64_t total = p.batch * tiles_m * tiles_n;
-  if (total > INT32_MAX || p.k_pad % kBK != 0) return cudaErrorInvalidValue;
-  CUtensorMap maps[4];
+  if (total > INT32_MAX || p.k_pad % kBK != 0 || p.a_factor == nullptr) return cudaErrorInvalidValue;
+  CUtensorMap maps[5];
   if (!plane_map(&maps[0], p.a_hi, p.batch, p.m_pad, p.k_pad) ||
       !plane_map(&maps[1], p.a_lo, p.batch, p.m_pad, p.k_pad) ||
       !plane_map(&maps[2], p.b_hi, p.batch, p.n_pad, p.k_pad) ||
-      !plane_map(&maps[3], p.b_lo, p.batch, p.n_pad, p.k_pad))
+      !plane_map(&maps[3], p.b_lo, p.batch, p.n_pad, p.k_pad) ||
+      !factor_map(&maps[4], p.a_factor, p.batch, p.m_pad, p.k_pad / kBK))
     return cudaErrorInvalidValue;
   cudaError_t err = raise_smem_limit(reinterpret_cast<const void*>(gemm_sm90_kernel), kSmemBytes);
   if (err != cudaSuccess) return err;
   const int grid = static_cast<int>(total < sm_count ? total : sm_count);
   gemm_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      maps[0], maps[1], maps[2], maps[3], p, static_cast<int>(tiles_m), static_cast<int>(tiles_n),
+      maps[0], maps[1], maps[2], maps[3], maps[4], p, static_cast<int>(tiles_m), static_cast<int>(tiles_n),
       static_cast<int>(total));
   return cudaGetLastError();
 }

@@ -13,7 +13,10 @@ namespace cuda {
 
 // Splits x[b, r, k] (any strides, in elements) into K-contiguous, zero-padded fp16 planes
 // hi/lo[b, rows_pad, k_pad], plus exponent[b, rows_pad] and fallback[b, rows_pad]; row_max and
-// row_min[b, rows_pad] are scratch (the row statistics).
+// row_min[b, rows_pad] are scratch (the row statistics). With `scale` set, block mode
+// (../split.h): one exponent per 64 values of a row, their factors in scale[b, k_pad / 64,
+// rows_pad], the base exponent shared by each `base_rows` consecutive rows (row_max then holds
+// the groups' largest values).
 struct SplitParams {
   const float* x;
   int64_t batch, rows, k;
@@ -25,13 +28,19 @@ struct SplitParams {
   uint32_t* row_max;
   uint32_t* row_min;
   int64_t rows_pad, k_pad;
+  float* scale;       // block mode: the blocks' factors; null: one exponent per row
+  int64_t base_rows;  // block mode: rows per base exponent (1: each row its own)
+  int max_shift;      // block mode: largest base - block exponent kept (kMaxBlockShift or less)
 };
 
 // C[b, m, n] = sum_k A[b, m, k] B[b, k, n] from the split planes of A (rows = M) and of
 // B^T (rows = N); rows flagged as fallback in either are recomputed from a/b_orig in fp64.
+// The sm90 kernel takes A in block mode (a_factor [batch, k_pad / 64, m_pad]), the sm80 kernel
+// one exponent per row (a_factor null).
 struct GemmParams {
   const uint16_t *a_hi, *a_lo, *b_hi, *b_lo;
   const int32_t *a_exponent, *b_exponent, *a_fallback, *b_fallback;
+  const float* a_factor;
   int64_t m_pad, n_pad, k_pad;  // plane shapes (per batch)
   const float* a_orig;          // original A and B for the exact fallback path
   int64_t a_stride_b, a_stride_m, a_stride_k;
@@ -43,27 +52,33 @@ struct GemmParams {
   // scratch of the exact path: lists of flagged rows [batch, m_pad] and columns [batch, n_pad],
   // their lengths [batch, 2]
   int32_t *fallback_rows, *fallback_cols, *fallback_counts;
+  // outputs the exact path recomputed, accumulated on the device (null: not counted)
+  unsigned long long* exact_outputs;
 };
 
 // Implicit-GEMM convolution (channels_last, groups 1, channels a multiple of 64):
 //   y[m, k] = sum over (r, s, c) of x[image, ih, iw, c] w[k, r, s, c]
 // for output pixels m = (image, oh, ow), ih = oh stride_h - pad_h + r dilation_h (iw alike), x
-// and w read from their split planes: x's rows are images (k = in_h in_w channels, NHWC order),
-// w's rows output channels (k = kernel_h kernel_w channels). `gemm` carries the product's
-// shape and output: a_exponent per output pixel (its image's exponent), b_* the weight's
-// planes, exponents and fallback flags, c = y [m, cout] (channels_last). batch > 1 splits K:
-// slice b sums k-blocks b ceil(kb / batch) .. of every output into c + b c_stride_b (exponents
-// replicated per slice, a_exponent [batch, m_pad], b_exponent [batch, n_pad]); no slice may
-// be empty.
+// and w read from their split planes, both in block mode: x's rows are pixels (image, h, w) with
+// k = channels and one base exponent per image; w's rows output channels (k = kernel_h kernel_w
+// channels), one base per row. `gemm` carries the product's shape and output: a_exponent per
+// output pixel (its image's base), b_* the weight's planes, exponents and fallback flags, c = y
+// [m, cout] (channels_last). batch > 1 splits K: slice b sums k-blocks b ceil(kb / batch) .. of
+// every output into c + b c_stride_b (exponents replicated per slice, a_exponent [batch, m_pad],
+// b_exponent [batch, n_pad]); no slice may be empty.
 struct ConvParams {
   GemmParams gemm;
-  const uint16_t *x_hi, *x_lo;
-  int64_t x_k_pad;
-  const int32_t* x_fallback;  // per image: recomputed exactly
-  const float* x;             // originals for the exact path: x NHWC, w [cout, r, s, c], contiguous
+  const uint16_t *x_hi, *x_lo;  // [x_rows_pad, channels]
+  const float* x_factor;        // [channels / 64, x_rows_pad]
+  int64_t x_rows_pad;
+  const int32_t* x_fallback;    // per pixel: outputs that read it are recomputed exactly
+  const float* w_factor;        // [k_pad / 64, n_pad]
+  const float* x;               // originals for the exact path: x NHWC, w [cout, r, s, c], contiguous
   const float* w;
   int images, in_h, in_w, channels, out_h, out_w, kernel_h, kernel_w;
   int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  // exact path scratch: a mark per output pixel [m], the flagged weight rows [n] and their count
+  int32_t *marks, *w_list, *w_count;
 };
 
 // sm80: mma.sync (any GPU of compute capability >= 8.0); sm90: wgmma + TMA (exactly 9.0, and
@@ -83,7 +98,7 @@ bool sm90_kernel_built();                                                       
 cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_exact(const GemmParams& p, int sm_count, cudaStream_t stream);     // exact.cu
 cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t stream); // conv_sm90.cu
-cudaError_t launch_conv_exact(const ConvParams& p, cudaStream_t stream);              // conv_exact.cu
+cudaError_t launch_conv_exact(const ConvParams& p, int sm_count, cudaStream_t stream); // conv_exact.cu
 
 // Grid y/z limit: batches beyond it are launched in slices.
 constexpr int64_t kMaxGridYZ = 65535;

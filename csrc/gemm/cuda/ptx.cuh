@@ -18,6 +18,10 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // -- sm_80: asynchronous copies, ldmatrix, mma.sync -----------------------------------------
+// Two floats from shared memory (volatile: kept where written, not hoisted into live registers).
+__device__ __forceinline__ void ld_shared_f32x2(uint32_t addr, float& x, float& y) {
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(x), "=f"(y) : "r"(addr));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }

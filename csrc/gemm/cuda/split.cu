@@ -24,6 +24,8 @@ constexpr int kResidentThreads = 256;  // block of the one-pass route
 constexpr int kResidentBytes = 64 * 1024;  // shared memory it may take (3 blocks per SM)
 constexpr int kResidentMinK = 1024;        // shorter rows keep the two passes (tiny blocks otherwise)
 constexpr int kResidentLoads = 16;         // loads in flight per thread while a block fills
+constexpr int kResidentMaxBlocks = kResidentBytes / 4 / 64;  // 64-value blocks of the longest row
+static_assert(kResidentMaxBlocks <= kResidentThreads, "block mode: a thread per block");
 
 // tile[row][kk] = x[r0 + row, k0 + kk] for 32 rows x Cols (a multiple of 32), 0 outside.
 template <int Cols>
@@ -110,23 +112,120 @@ __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t
   }
 }
 
+// Block mode: the statistics of one 64-value block of a row are complete in one stats block
+// (kStatsChunk is a multiple of 64). Its largest |x| goes to the block's slot of `scale` (bits,
+// turned into the factor by the write pass; kNoNonzero marks a block that falls back) and to its
+// group's largest value; a block that falls back flags its row.
+__device__ __forceinline__ void record_block(const SplitParams& p, int64_t b, int64_t row, int64_t kb,
+                                             uint32_t mx, uint32_t mn) {
+  const RowScale s = row_scale(mx, mn);
+  uint32_t* slot = reinterpret_cast<uint32_t*>(p.scale) + (b * (p.k_pad / kScaleBlock) + kb) * p.rows_pad + row;
+  if (s.fallback) {
+    *slot = kNoNonzero;
+    p.fallback[b * p.rows_pad + row] = 1;
+    return;
+  }
+  *slot = mx;
+  if (mx != 0) atomicMax(p.row_max + b * p.rows_pad + row / p.base_rows, mx);
+}
+
+constexpr int kChunkBlocks = kStatsChunk / kScaleBlock;
+static_assert(kStatsChunk % kScaleBlock == 0 && kScaleBlock == 64, "whole blocks per stats chunk");
+
+__global__ void __launch_bounds__(256) split_block_stats_kernel(SplitParams p, int64_t batch_offset) {
+  const int64_t b = batch_offset + blockIdx.z;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
+  const int64_t k_end = min(p.k, k_begin + kStatsChunk);
+  const float* x = p.x + b * p.stride_b;
+  const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
+  const int lane = threadIdx.x;
+  if (!rows_fast) {  // a warp per row, lanes along K: block j is loads 2j and 2j + 1
+#pragma unroll 1
+    for (int j = 0; j < 4; ++j) {
+      const int64_t row = r0 + threadIdx.y + 8 * j;
+      if (row >= p.rows) continue;
+      const float* xr = x + row * p.stride_r;
+      float v[2 * kChunkBlocks];
+#pragma unroll
+      for (int u = 0; u < 2 * kChunkBlocks; ++u) {
+        const int64_t k = k_begin + 32 * u + lane;
+        v[u] = k < k_end ? xr[k * p.stride_k] : 0.0f;
+      }
+#pragma unroll
+      for (int blk = 0; blk < kChunkBlocks; ++blk) {
+        if (k_begin + kScaleBlock * blk >= k_end) break;
+        RowStats stats;
+        stats.add(v[2 * blk]);
+        stats.add(v[2 * blk + 1]);
+        uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
+        warp_reduce(mx, mn);
+        if (lane == 0) record_block(p, b, row, k_begin / kScaleBlock + blk, mx, mn);
+      }
+    }
+    return;
+  }
+  // lane = row (B's columns), the 8 warps split each block's 64 values
+  __shared__ uint32_t part_max[8][kSplitRows], part_min[8][kSplitRows];
+  const int64_t row = r0 + lane;
+#pragma unroll 1
+  for (int blk = 0; blk < kChunkBlocks; ++blk) {
+    const int64_t kb0 = k_begin + kScaleBlock * blk;
+    if (kb0 >= k_end) break;  // uniform over the block
+    RowStats stats;
+    if (row < p.rows) add_strided(stats, x + row, p.stride_k, kb0 + threadIdx.y, min(k_end, kb0 + kScaleBlock), 8);
+    part_max[threadIdx.y][lane] = stats.max_abs;
+    part_min[threadIdx.y][lane] = stats.min_nonzero_abs;
+    __syncthreads();
+    if (threadIdx.y == 0 && row < p.rows) {
+#pragma unroll
+      for (int w = 1; w < 8; ++w) stats.merge(part_max[w][lane], part_min[w][lane]);
+      record_block(p, b, row, kb0 / kScaleBlock, stats.max_abs, stats.min_nonzero_abs);
+    }
+    __syncthreads();
+  }
+}
+
 // Pass 2: 32 rows x kSplitK k per block (16 loads in flight per thread), written as two halves
 // of 64 k so that a warp's stores stay 128-byte rows of each plane.
 __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t batch_offset) {
   __shared__ float tile[kSplitRows][kSplitK + 1];
-  __shared__ RowScale scales[kSplitRows];
+  __shared__ RowScale scales[kSplitK / kScaleBlock][kSplitRows];  // per 64 k (block mode)
   const int64_t b = batch_offset + blockIdx.z;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kSplitK;
   const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
   const int lane = threadIdx.x;
-  if (threadIdx.y == 0) {
+  if (threadIdx.y == 0 && p.scale == nullptr) {
     const int64_t at = b * p.rows_pad + r0 + lane;
     const RowScale s = row_scale(p.row_max[at], p.row_min[at]);
-    scales[lane] = s;
+    scales[0][lane] = scales[1][lane] = s;
     if (blockIdx.y == 0) {
       p.exponent[at] = s.exponent;
       p.fallback[at] = s.fallback ? 1 : 0;
+    }
+  } else if (threadIdx.y == 0) {  // block mode: the two blocks' factors, in place of their statistics
+    const int64_t row = r0 + lane, at = b * p.rows_pad + row;
+    const int base = row < p.rows ? base_exponent(p.row_max[b * p.rows_pad + row / p.base_rows]) : 0;
+    if (blockIdx.y == 0) p.exponent[at] = base;
+#pragma unroll
+    for (int h = 0; h < kSplitK / kScaleBlock; ++h) {
+      const int64_t kb = k0 / kScaleBlock + h;
+      if (kb >= p.k_pad / kScaleBlock) break;
+      float* slot = p.scale + (b * (p.k_pad / kScaleBlock) + kb) * p.rows_pad + row;
+      RowScale s{0, false};
+      float factor = 0.0f;
+      if (row < p.rows) {
+        const uint32_t bits = *reinterpret_cast<const uint32_t*>(slot);
+        s = bits == kNoNonzero ? RowScale{0, true} : row_scale(bits, bits);
+        factor = block_factor(s, base, p.max_shift);
+        if (factor == 0.0f && bits != 0 && !s.fallback) {  // too far below the base
+          s.fallback = true;
+          p.fallback[at] = 1;
+        }
+      }
+      *slot = factor;
+      scales[h][lane] = s;
     }
   }
   load_split_tile<kSplitK>(p, p.x + b * p.stride_b, r0, k0, rows_fast, tile);
@@ -139,8 +238,8 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
       const int row = threadIdx.y + 8 * j;
       const int kk = 64 * half + 2 * lane;
       uint16_t hi0, lo0, hi1, lo1;
-      split_value(tile[row][kk], scales[row], hi0, lo0);
-      split_value(tile[row][kk + 1], scales[row], hi1, lo1);
+      split_value(tile[row][kk], scales[half][row], hi0, lo0);
+      split_value(tile[row][kk + 1], scales[half][row], hi1, lo1);
       const int64_t out = (b * p.rows_pad + r0 + row) * p.k_pad + k0 + kk;
       reinterpret_cast<uint32_t*>(p.hi)[out / 2] = uint32_t(hi0) | (uint32_t(hi1) << 16);
       reinterpret_cast<uint32_t*>(p.lo)[out / 2] = uint32_t(lo0) | (uint32_t(lo1) << 16);
@@ -149,12 +248,16 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
 }
 
 // One pass: `rows` whole rows (k_pad values each, zeros past k and past p.rows) per block in
-// shared memory; statistics reduced in the block; planes, exponent and fallback written.
+// shared memory; statistics reduced in the block; planes, exponent and fallback written (block
+// mode with one base per row: each block's statistics by one thread, then the factors).
 __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitParams p, int rows,
                                                                           int64_t batch_offset) {
   extern __shared__ float held[];  // [rows][k_pad]
   __shared__ uint32_t part_max[kResidentThreads / 32], part_min[kResidentThreads / 32];
   __shared__ RowScale scale;
+  __shared__ RowScale blocks[kResidentMaxBlocks];  // block mode: each block's exponent
+  __shared__ uint32_t block_max[kResidentMaxBlocks];
+  __shared__ int lost;                              // a block too far below the base
   const int64_t b = batch_offset + blockIdx.z;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows;
   const float* x = p.x + b * p.stride_b;
@@ -182,12 +285,26 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
   __syncthreads();
   for (int r = 0; r < rows; ++r) {
     const int64_t at = b * p.rows_pad + r0 + r;
-    const float2* hr = reinterpret_cast<const float2*>(held + int64_t(r) * k_pad);
+    const float* hf = held + int64_t(r) * k_pad;
+    const float2* hr = reinterpret_cast<const float2*>(hf);
     RowStats stats;
-    for (int64_t i = tid; i < k_pad / 2; i += kResidentThreads) {
-      const float2 v = hr[i];
-      stats.add(v.x);
-      stats.add(v.y);
+    if (p.scale == nullptr) {
+      for (int64_t i = tid; i < k_pad / 2; i += kResidentThreads) {
+        const float2 v = hr[i];
+        stats.add(v.x);
+        stats.add(v.y);
+      }
+    } else if (tid < k_pad / kScaleBlock) {  // block mode: thread j reduces block j
+      RowStats mine;
+#pragma unroll 8
+      for (int u = 0; u < kScaleBlock; ++u)  // rotated start: the 32 lanes read 32 banks
+        mine.add(hf[tid * kScaleBlock + ((u + tid) & (kScaleBlock - 1))]);
+      const RowScale s = row_scale(mine.max_abs, mine.min_nonzero_abs);
+      blocks[tid] = s;
+      block_max[tid] = mine.max_abs;
+      // the reduction below: largest finite |x| of blocks that stay, any block that falls back
+      stats.max_abs = s.fallback ? 0u : mine.max_abs;
+      stats.min_nonzero_abs = s.fallback ? 0u : kNoNonzero;
     }
     uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
     warp_reduce(mx, mn);
@@ -200,23 +317,40 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
       RowStats all;
 #pragma unroll
       for (int w = 0; w < kResidentThreads / 32; ++w) all.merge(part_max[w], part_min[w]);
-      scale = row_scale(all.max_abs, all.min_nonzero_abs);
-      p.exponent[at] = scale.exponent;
-      p.fallback[at] = scale.fallback ? 1 : 0;
+      if (p.scale == nullptr) {
+        scale = row_scale(all.max_abs, all.min_nonzero_abs);
+      } else {
+        scale = RowScale{base_exponent(all.max_abs), all.min_nonzero_abs == 0};
+        lost = 0;
+      }
     }
     __syncthreads();
     const RowScale s = scale;
+    if (p.scale != nullptr && tid < k_pad / kScaleBlock) {
+      const float factor = block_factor(blocks[tid], s.exponent, p.max_shift);
+      if (factor == 0.0f && block_max[tid] != 0) {
+        blocks[tid].fallback = true;
+        lost = 1;
+      }
+      p.scale[(b * (k_pad / kScaleBlock) + tid) * p.rows_pad + r0 + r] = factor;
+    }
+    if (p.scale != nullptr) __syncthreads();
+    if (tid == 0) {
+      p.exponent[at] = s.exponent;
+      p.fallback[at] = s.fallback || (p.scale != nullptr && lost) ? 1 : 0;
+    }
     uint32_t* hi = reinterpret_cast<uint32_t*>(p.hi + at * k_pad);
     uint32_t* lo = reinterpret_cast<uint32_t*>(p.lo + at * k_pad);
     for (int64_t i = tid; i < k_pad / 2; i += kResidentThreads) {
       const float2 v = hr[i];
+      const RowScale vs = p.scale == nullptr ? s : blocks[(2 * i) / kScaleBlock];
       uint16_t hi0, lo0, hi1, lo1;
-      split_value(v.x, s, hi0, lo0);
-      split_value(v.y, s, hi1, lo1);
+      split_value(v.x, vs, hi0, lo0);
+      split_value(v.y, vs, hi1, lo1);
       hi[i] = uint32_t(hi0) | (uint32_t(hi1) << 16);
       lo[i] = uint32_t(lo0) | (uint32_t(lo1) << 16);
     }
-    __syncthreads();  // scale and part_* are reused by the next row
+    __syncthreads();  // scale, blocks and part_* are reused by the next row
   }
 }
 
@@ -225,6 +359,7 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
 // Rows per block of the one-pass route (a divisor of kTileRows), 0 where it does not apply.
 static int resident_rows(const SplitParams& p) {
   if ((p.stride_k != 1 && p.k > 1) || p.k_pad < kResidentMinK) return 0;
+  if (p.scale != nullptr && p.base_rows != 1) return 0;  // a group's base needs every row first
   const int64_t row_bytes = p.k_pad * int64_t(sizeof(float));
   if (row_bytes > kResidentBytes) return 0;
   int rows = 1;
@@ -252,7 +387,10 @@ cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
   }
   const size_t stat_bytes = size_t(p.batch * p.rows_pad) * sizeof(uint32_t);
   cudaError_t err = cudaMemsetAsync(p.row_max, 0, stat_bytes, stream);
-  if (err == cudaSuccess) err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
+  if (err == cudaSuccess && p.scale == nullptr)
+    err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
+  if (err == cudaSuccess && p.scale != nullptr)  // block mode: blocks flag their rows
+    err = cudaMemsetAsync(p.fallback, 0, stat_bytes, stream);
   if (err != cudaSuccess) return err;
   const int64_t k_chunks = (p.k + kStatsChunk - 1) / kStatsChunk;
   const int64_t k_blocks = (p.k_pad + kSplitK - 1) / kSplitK;
@@ -261,8 +399,11 @@ cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
     const int64_t nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
     const unsigned row_blocks = static_cast<unsigned>(p.rows_pad / kSplitRows);
-    split_stats_kernel<<<dim3(row_blocks, static_cast<unsigned>(k_chunks), static_cast<unsigned>(nb)),
-                         block, 0, stream>>>(p, b0);
+    const dim3 grid(row_blocks, static_cast<unsigned>(k_chunks), static_cast<unsigned>(nb));
+    if (p.scale == nullptr)
+      split_stats_kernel<<<grid, block, 0, stream>>>(p, b0);
+    else
+      split_block_stats_kernel<<<grid, block, 0, stream>>>(p, b0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     split_write_kernel<<<dim3(row_blocks, static_cast<unsigned>(k_blocks),
