@@ -11,6 +11,9 @@ Models:
                     with matmul and softmax (not fused), learning the next state of Lorenz-96
                     trajectories (40 variables, F = 8, RK4) integrated here
   transformer-1024  the same with 4 blocks, d_model 1024, 16 heads
+  lm-head           a language model's output layer: the Lorenz-96 state embedded to d_model 4096
+                    (Linear, GELU, LayerNorm), then Linear(4096, 32000) and cross-entropy over a
+                    32000-word vocabulary (the next value of variable 0, binned), 8192 tokens
   mlp               64 -> 256 -> 256 -> 10 on sklearn's digits, batch 256
 Each step is timed alone (synchronised); the three runs of a seed (fp32, the mode, the converted
 model) advance side by side, one step each in rotating order, so that the host's and the GPU's
@@ -89,7 +92,21 @@ def lorenz96(batch, steps, seed, dt=0.01, forcing=8.0):
     return ((traj - traj.mean()) / traj.std()).float()
 
 
+VOCAB = 32000
+
+
+class LMHead(nn.Module):
+    def __init__(self, d, vocab):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(LORENZ_VARS, d), nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, x):
+        return self.head(self.norm(F.gelu(self.embed(x)))).flatten(0, -2)
+
+
 def model_config(name):
+    if name == "lm-head":
+        return {"d": 4096, "vocab": VOCAB, "seq": 2048, "batch": 4, "lr": 1e-4}
     if name == "transformer-4096":
         return {"d": 4096, "heads": 32, "blocks": 2, "seq": 2048, "batch": 8, "lr": 1e-4}
     if name == "transformer-1024":
@@ -122,6 +139,13 @@ def make_task(name, cfg, device):
         return model, batches, F.cross_entropy
     traj = lorenz96(cfg["batch"], cfg["seq"] + 1, seed=1).to(device)
     inputs, targets = traj[:, :-1], traj[:, 1:]
+    if name == "lm-head":  # tokens: the next value of variable 0 in VOCAB bins over [-4, 4)
+        tokens = ((targets[..., 0] + 4) / 8 * cfg["vocab"]).long().clamp(0, cfg["vocab"] - 1).flatten()
+
+        def lm_batches(seed):
+            while True:
+                yield inputs, tokens
+        return (lambda: LMHead(cfg["d"], cfg["vocab"])), lm_batches, F.cross_entropy
 
     def model():
         return Transformer(cfg["d"], cfg["heads"], cfg["blocks"])
@@ -189,8 +213,8 @@ def outside_spread(fp32_curves, emulated_curves):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=["transformer-4096", "transformer-1024", "mlp"],
-                   choices=["transformer-4096", "transformer-1024", "mlp"])
+    p.add_argument("--models", nargs="*", default=["transformer-4096", "transformer-1024", "lm-head", "mlp"],
+                   choices=["transformer-4096", "transformer-1024", "lm-head", "mlp"])
     p.add_argument("--steps", type=int, default=None, help="steps per run (transformers 8, mlp 400)")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--seeds", type=int, default=3)
@@ -210,6 +234,7 @@ def main(argv=None):
         steps = args.steps or (400 if name == "mlp" else 8)
         warmup = min(args.warmup, steps - 1)
         curves, times = ({p: [] for p in PRECISIONS} for _ in range(2))
+        torch_hpc.exact_path_stats(device, reset=True)
         for seed in range(args.seeds):
             for precision, (losses, seconds) in train_interleaved(name, cfg, seed, steps, device).items():
                 curves[precision].append(losses)
@@ -224,14 +249,15 @@ def main(argv=None):
                          "steps_outside_fp32_spread": outside_spread(curves["fp32"], curves["emulated"]),
                          "converted_ms_per_step": conv_ms, "converted_speedup": fp32_ms / conv_ms,
                          "converted_steps_outside_fp32_spread": outside_spread(curves["fp32"], curves["converted"]),
+                         "exact_path": torch_hpc.exact_path_stats(device, reset=True),
                          "curves": curves, "step_seconds": times}
     print(f"\n{'model':>18} | {'fp32 ms/step':>12} | {'emulated ms/step':>16} | {'speed-up':>8} | "
-          f"loss outside fp32 spread | {'emulate_fp32(model)':>19} | outside")
+          f"loss outside fp32 spread | {'emulate_fp32(model)':>19} | outside | exact path")
     for name, r in results.items():
         print(f"{name:>18} | {r['fp32_ms_per_step']:12.2f} | {r['emulated_ms_per_step']:16.2f} | "
               f"{r['speedup']:7.2f}x | {r['steps_outside_fp32_spread']:>6} of {r['steps']} steps | "
               f"{r['converted_ms_per_step']:8.2f} ({r['converted_speedup']:.2f}x) | "
-              f"{r['converted_steps_outside_fp32_spread']}")
+              f"{r['converted_steps_outside_fp32_spread']:>7} | {100 * r['exact_path']['fraction']:.3g} %")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"models-{device.type}{'-' + args.tag if args.tag else ''}")
     with open(stem + ".json", "w") as f:
