@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from launchers import mpich_family, mpiexec_command, run_workers, torchrun_supported
+from launchers import (WORKERS, mpich_family, mpiexec_command, parse_reports, run_workers, torchrun_command,
+                       torchrun_supported)
 from torch_hpc.distributed import detect_launcher
 
 
@@ -68,6 +69,39 @@ def test_one_mpi_world_with_the_launchers_ranks(launcher, n):
             assert r["shared_memory_peers"] == n
             assert r["rma"]  # the self-test's concurrent accumulates were exact
         assert r["launcher"] == ("torchrun" if launcher == "torchrun" else r["launcher"])
+
+
+@pytest.mark.parametrize("launcher,via_init,backend", [
+    ("mpiexec", False, "hpc_mpi"), ("mpiexec", True, "hpc_mpi"), ("mpiexec", False, "gloo"),
+    ("torchrun", False, "hpc_mpi"), ("torchrun", True, "hpc_mpi")])
+def test_init_process_group_finds_the_launchers_ranks(launcher, via_init, backend):
+    """dist.init_process_group("hpc_mpi") with nothing set by hand, as users of torch's own "mpi"
+    backend write it: under mpiexec (MPICH's Hydra here, Open MPI on the GPU machine) the
+    default env:// rendezvous takes the ranks from MPI; under torchrun from torchrun."""
+    if launcher == "torchrun" and not torchrun_supported():
+        pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
+    env = {v: "" for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} if launcher == "mpiexec" else {}
+    env = {k: v for k, v in os.environ.items() if k not in env}
+    args = ["--backend", backend] + (["--via-init"] if via_init else [])
+    base = mpiexec_command(2, python=True) if launcher == "mpiexec" else torchrun_command(2)
+    proc = subprocess.run(base + [str(WORKERS / "init_pg_worker.py"), *args], capture_output=True, text=True,
+                          timeout=120, env=dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    reports = parse_reports(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert all(r["size"] == 2 and r["sum"] == 3.0 and r["backend"] == backend for r in reports), reports
+
+
+def test_init_process_group_without_a_launcher_names_them():
+    """A plain `python script.py` (no launcher) gets torch's error with the launchers and
+    torch_hpc.distributed.init() named, not only 'RANK expected'."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith(("PMI_", "OMPI_"))}
+    proc = subprocess.run([sys.executable, str(WORKERS / "init_pg_worker.py")], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "RANK" in proc.stderr and "mpirun/mpiexec" in proc.stderr and "torchrun" in proc.stderr \
+        and "torch_hpc.distributed.init()" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_mpiexec_command_runs_this_interpreter_whatever_path_says(tmp_path):

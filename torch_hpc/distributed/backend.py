@@ -82,11 +82,68 @@ def _create_backend(opts, backend_options=None):
 
 
 def register() -> None:
-    """Registers hpc_mpi with torch.distributed (idempotent; no MPI call)."""
-    if not dist.is_available() or BACKEND in dist.Backend.backend_list:
+    """Registers hpc_mpi with torch.distributed and lets init_process_group's default env://
+    rendezvous find the ranks of an MPI launcher or srun (idempotent; no MPI call)."""
+    if not dist.is_available():
+        return
+    _wrap_env_rendezvous()
+    if BACKEND in dist.Backend.backend_list:
         return
     dist.Backend.register_backend(BACKEND, _create_backend, extended_api=True,
                                   devices=["cpu", "cuda"])
+
+
+_LAUNCH_HINT = ("torch_hpc: start the job with mpirun/mpiexec (Open MPI, MPICH), srun or torchrun, "
+                "which give each process its rank, or call torch_hpc.distributed.init(), which does "
+                "the same for init_process_group")
+_ENV_NEEDED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _wrap_env_rendezvous() -> None:
+    """torch's env:// rendezvous (init_process_group's default) needs RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT, which torchrun sets and mpirun, mpiexec and srun do not. Where
+    one is missing under such a launcher, the wrapper completes them as init() does (MPI gives
+    the ranks, rank 0 publishes a rendezvous address) before torch's handler runs, so that
+    init_process_group("hpc_mpi") works as torch's own "mpi" backend does; a process no launcher
+    started still gets torch's error, with the launchers named."""
+    import importlib
+    rdzv = importlib.import_module("torch.distributed.rendezvous")  # the module, not its function
+    handlers = getattr(rdzv, "_rendezvous_handlers", None)
+    if not isinstance(handlers, dict) or "env" not in handlers or getattr(handlers["env"], "torch_hpc", False):
+        return
+    torch_env = handlers["env"]
+
+    def env_rendezvous(url, **kwargs):
+        import urllib.parse
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+        given = {"RANK": "rank" in query, "WORLD_SIZE": "world_size" in query}
+        missing = [v for v in _ENV_NEEDED if not given.get(v) and not os.environ.get(v)]
+        if missing:
+            launch = detect_launcher()
+            if launch.is_mpi_launch or launch.launcher == "slurm":
+                _complete_environment(launch)
+        try:
+            yield from torch_env(url, **kwargs)
+        except ValueError as e:
+            if "environment variable" in str(e):
+                raise ValueError(f"{e}. {_LAUNCH_HINT}") from e
+            raise
+
+    env_rendezvous.torch_hpc = True
+    handlers["env"] = env_rendezvous
+
+
+def _complete_environment(launch: LaunchInfo) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from the launcher and a rendezvous address
+    (MPI's rank 0 publishes one under mpirun, mpiexec and srun), where not set already."""
+    if launch.is_mpi_launch or (launch.launcher == "slurm" and launch.world_size > 1):
+        _publish_master_address(init_mpi(launch=launch))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
+                       ("LOCAL_RANK", launch.local_rank),
+                       ("LOCAL_WORLD_SIZE", launch.local_world_size)):
+        os.environ.setdefault(key, str(value))
 
 
 def _publish_master_address(comm) -> None:
@@ -116,14 +173,7 @@ def init(backend: str = BACKEND, options: Options | None = None, **kwargs) -> La
                              f"not {backend!r}")
         kwargs["pg_options"] = options
     launch = detect_launcher()
-    if launch.is_mpi_launch or (launch.launcher == "slurm" and launch.world_size > 1):
-        _publish_master_address(init_mpi(launch=launch))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
-                       ("LOCAL_RANK", launch.local_rank),
-                       ("LOCAL_WORLD_SIZE", launch.local_world_size)):
-        os.environ.setdefault(key, str(value))
+    _complete_environment(launch)
     dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
     _yield_to_backend_threads_at_exit()
     return launch
