@@ -339,10 +339,12 @@ def test_cuda_int64_indexing():
 def test_bad_arguments_raise_clear_errors(device):
     f = torch.randn(4, 5, device=device)
     g = torch.randn(5, 3, device=device)
-    with pytest.raises(ValueError, match="argument 'a' to have dtype torch.float32"):
+    with pytest.raises(ValueError, match="argument 'a' to have dtype torch.float32, got torch.float64$"):
         torch_hpc.mm(f.double(), g)
-    with pytest.raises(ValueError, match="argument 'b' to have dtype torch.float32"):
+    with pytest.raises(ValueError, match="argument 'b' to have dtype torch.float32, got torch.int32$"):
         torch_hpc.mm(f, g.to(torch.int32))
+    with pytest.raises(ValueError, match="argument 'a' to have dtype torch.float32, got torch.float64$"):
+        torch.ops.torch_hpc.mm.default(f.double(), g)  # the C++ check's message too
     with pytest.raises(ValueError, match="argument 'a' to be 2-D"):
         torch_hpc.mm(f[0], g)
     with pytest.raises(ValueError, match="inner dimensions differ"):

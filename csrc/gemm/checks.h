@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 namespace torch_hpc {
 namespace gemm {
 
@@ -17,6 +19,9 @@ void check_bias_arg(const at::Tensor& bias, const at::Tensor& b, const char* op)
 void check_split_arg(const at::Tensor& x);
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// "torch.float64" for at::kDouble: dtypes in messages as Python users write them.
+std::string dtype_name(at::ScalarType t);
 
 }  // namespace gemm
 }  // namespace torch_hpc

@@ -277,8 +277,8 @@ at::Tensor mm_planes_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
     TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous() &&
                           t.device() == b.device(),
                       "torch_hpc.mm_planes: expected argument '", name, "' to be a contiguous ",
-                      dtype, " tensor of shape ", shape, " on ", b.device(),
-                      " (torch_hpc.split_planes of b.t()), got ", t.scalar_type(), " of shape ",
+                      dtype_name(dtype), " tensor of shape ", shape, " on ", b.device(),
+                      " (torch_hpc.split_planes of b.t()), got ", dtype_name(t.scalar_type()), " of shape ",
                       t.sizes(), " on ", t.device());
   };
   expect(b_hi, "b_hi", at::kHalf, {1, rows_pad, k_pad});
@@ -317,9 +317,9 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   constexpr const char* name = "torch_hpc.conv2d_implicit";
   TORCH_CHECK_VALUE(x.dim() == 4 && w.dim() == 4 && x.scalar_type() == at::kFloat &&
                         w.scalar_type() == at::kFloat && x.is_cuda() && w.device() == x.device(),
-                    name, ": expected 'input' (N, C, H, W) and 'weight' (K, C, R, S) float32 on one "
-                    "CUDA device, got ", x.sizes(), " ", x.scalar_type(), " on ", x.device(), " and ",
-                    w.sizes(), " ", w.scalar_type(), " on ", w.device());
+                    name, ": expected 'input' (N, C, H, W) and 'weight' (K, C, R, S) torch.float32 on one "
+                    "CUDA device, got ", x.sizes(), " ", dtype_name(x.scalar_type()), " on ", x.device(), " and ",
+                    w.sizes(), " ", dtype_name(w.scalar_type()), " on ", w.device());
   TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                         w.is_contiguous(at::MemoryFormat::ChannelsLast),
                     name, ": expected 'input' and 'weight' contiguous in channels_last");
