@@ -33,8 +33,8 @@ print(f"training  {t['world_size']} ranks ({t['launcher']}), {t['mode']} on {t['
       f"accuracy {t['final_accuracy']:.2%} (time to {t['target']:.0%}: {tta}; steps/s per rank {rates})")
 row = max(g["rows"], key=lambda r: r["m"] * r["n"] * r["k"])
 f32, hpc = row["fp32"], row["torch_hpc"]
-print(f"GEMM      {row['m']}x{row['n']}x{row['k']} on {g['meta']['card']}: torch_hpc {hpc['tflops']:.2f} "
-      f"TFLOP/s, error {hpc['error']:.1e} vs fp32 {f32['tflops']:.2f} TFLOP/s, error {f32['error']:.1e} "
+print(f"GEMM      {row['m']}x{row['n']}x{row['k']} on {g['meta']['card']}: torch_hpc {hpc['tflops']:.3g} "
+      f"TFLOP/s, error {hpc['error']:.1e} vs fp32 {f32['tflops']:.3g} TFLOP/s, error {f32['error']:.1e} "
       f"({hpc['tflops'] / f32['tflops']:.2f}x speed, {hpc['error'] / f32['error']:.2f}x error)")
 if g["meta"]["device"] == "cpu":
     print("          (the CPU kernel is the exact reference, not a fast path: speed is the GPU's)")

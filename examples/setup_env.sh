@@ -12,5 +12,9 @@ else
   PY=$VENV/bin/python
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy ninja wheel pytest expecttest matplotlib scikit-learn mpich mpi4py >&2
 fi
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . >&2
+# compat: the checkout's folder goes on sys.path (a .pth file), so this package wins over a
+# folder named torch_hpc in the working directory (the default editable finder comes last and
+# loses to it: `import torch_hpc` then finds an empty namespace package)
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . \
+  --config-settings editable_mode=compat >&2
 echo "$PY"

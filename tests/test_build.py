@@ -47,6 +47,20 @@ def test_import_does_not_initialise_mpi():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_a_clone_named_torch_hpc_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """Scripts run from the folder that holds a clone called torch_hpc (no __init__.py at its
+    top) import the installed package, not the clone as an empty namespace package: the set-up
+    installs in editable compat mode (a .pth path entry, which a regular package wins from)."""
+    clone = tmp_path / "torch_hpc"
+    (clone / "csrc").mkdir(parents=True)
+    (clone / "README.md").write_text("a clone\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import torch_hpc; print(torch_hpc.__file__); torch_hpc.mm"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()) == Path(torch_hpc.__file__), out.stdout
+
+
 def test_editable_install_works_offline(tmp_path):
     """The README's `pip install --no-build-isolation -e .` on a machine without network (an HPC
     compute node): no step may try to download build requirements. Builds a copy of the
