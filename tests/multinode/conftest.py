@@ -4,6 +4,7 @@ network between them. Needs root and `ip`; skips with the reason otherwise. The 
 removed afterwards, even when a test fails."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,17 +32,35 @@ class Nodes:
     addresses: list  # its address on the link between them
     rsh: str         # the ssh stand-in
 
-    def run(self, node: int, cmd, timeout=240, env=None):
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="thpc0",
-                        **(env or {}))
-        return subprocess.run(["ip", "netns", "exec", self.names[node], *map(str, cmd)],
-                              capture_output=True, text=True, timeout=timeout, env=full_env)
+    def run(self, node: int, cmd, timeout=90, env=None):
+        """cmd in node's namespace; a launch still running after `timeout` (each test's takes
+        under 12 s) is killed with everything it started and the test fails with its output."""
+        return self.finish(self.popen(node, cmd, env), timeout, cmd)
 
     def popen(self, node: int, cmd, env=None):
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="thpc0",
                         **(env or {}))
+        # a session of its own: a timeout kills the launcher's whole process group (killing `ip`
+        # alone left the ranks holding the output pipes, and the wait went on)
         return subprocess.Popen(["ip", "netns", "exec", self.names[node], *map(str, cmd)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                                start_new_session=True)
+
+    @staticmethod
+    def finish(proc, timeout, cmd):
+        """Waits for a launch of Nodes.popen: a CompletedProcess, or the test fails after
+        `timeout` with the command and what it printed, its process group killed."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+            pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-3000:]}"
+                        f"\n--- stderr\n{err[-5000:]}", pytrace=False)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _sh(*cmd):

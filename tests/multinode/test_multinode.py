@@ -29,25 +29,20 @@ def _ok(proc, reports, n):
     assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def _torchrun(nodes, script, *args, timeout=240, port=29461):
-    """torchrun --nnodes=2 --nproc_per_node=2 on each node, c10d rendezvous on node 0's address."""
+def _torchrun(nodes, script, *args, timeout=90, port=29461):
+    """torchrun --nnodes=2 --nproc_per_node=2 on each node, c10d rendezvous on node 0's address
+    (a join that does not complete in 60 s fails instead of waiting torchrun's 600 s)."""
     if not mpich_family():
         pytest.skip("joining torchrun's processes across nodes is tested with MPICH")
     procs = []
     for node, address in enumerate(nodes.addresses):
-        procs.append(nodes.popen(node, [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.addresses[0]}:{port}", "--rdzv-id=thpc",
-            f"--rdzv-conf=is_host={int(node == 0)}", f"--local-addr={address}", str(script), *args]))
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except Exception:
-            p.kill()
-            out, err = p.communicate()
-        outs.append((p.returncode, out, err))
-    return outs
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.addresses[0]}:{port}", "--rdzv-id=thpc",
+               f"--rdzv-conf=is_host={int(node == 0)},join_timeout=60", f"--local-addr={address}",
+               str(script), *args]
+        procs.append((nodes.popen(node, cmd), cmd))
+    done = [nodes.finish(p, timeout, cmd) for p, cmd in procs]
+    return [(d.returncode, d.stdout, d.stderr) for d in done]
 
 
 def test_mpiexec_world_across_nodes(nodes):
@@ -87,7 +82,7 @@ def test_launch_info_and_master_address_across_nodes(nodes):
 
 
 def test_collectives_and_ddp_across_nodes(nodes):
-    proc = nodes.run(0, _mpiexec(nodes, 4, WORKERS / "collectives_worker.py", "cpu"), timeout=400)
+    proc = nodes.run(0, _mpiexec(nodes, 4, WORKERS / "collectives_worker.py", "cpu"), timeout=150)
     lines = parse_reports(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert sorted({line["rank"] for line in lines}) == [0, 1, 2, 3]
@@ -117,7 +112,7 @@ def test_sleeping_rank_on_one_node_does_not_stall_the_other(nodes):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_digits_across_nodes(nodes, mode):
     proc = nodes.run(0, _mpiexec(nodes, 4, EXAMPLES / "train_digits.py", "--quiet", "--mode", mode,
-                                 "--steps", "300"), timeout=400)
+                                 "--steps", "300"), timeout=150)
     reports = parse_reports(proc.stdout)
     assert proc.returncode == 0 and len(reports) == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert reports[0]["world_size"] == 4 and reports[0]["final_accuracy"] >= 0.95, reports[0]
