@@ -532,6 +532,30 @@ def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, lay
 
 
 @requires_sm90
+def test_cuda_implicit_gemm_conv1d_runs_as_height_one():
+    """F.conv1d under the route: the 2-D kernel with height 1, values and both gradients within
+    twice cuDNN fp32's error, torch's output layout."""
+    g = torch.Generator(device="cuda").manual_seed(12)
+    x = torch.randn(6, 64, 300, device="cuda", generator=g, requires_grad=True)
+    w = (torch.randn(128, 64, 5, device="cuda", generator=g) / 18).requires_grad_()
+    kw = {"stride": 2, "padding": 2, "dilation": 1}
+    with torch_hpc.backends.conv.flags(implicit_gemm=True):
+        out = torch_hpc.conv1d(x, w, None, **kw)
+    grad = torch.randn(out.shape, device="cuda", generator=g)
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    assert _graph_has(out.grad_fn, "ImplicitConv2d") and out.is_contiguous() and gx.is_contiguous()
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = F.conv1d(x64, w64, None, **kw)
+    refs = (ref, *torch.autograd.grad(ref, (x64, w64), grad.double()))
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        base = F.conv1d(x, w, None, **kw)
+        bases = (base, *torch.autograd.grad(base, (x, w), grad))
+    rel = lambda t, want: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
+    for got, b, want in zip((out, gx, gw), bases, refs):
+        assert rel(got, want) <= 2 * max(rel(b, want), 1e-7)
+
+
+@requires_sm90
 def test_cuda_implicit_gemm_op_passes_opcheck():
     g = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(2, 64, 6, 6, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)

@@ -92,7 +92,11 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=Fa
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
         if _implicit_gemm_takes(n, x, weight, pads, groups, traced):
-            out = _implicit_conv2d(x, weight, bias, stride, [p[0] for p in pads], dilation)
+            if n == 1:  # the 2-D kernel with height 1
+                out = _implicit_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride[0]),
+                                       (0, pads[0][0]), (1, dilation[0])).squeeze(2)
+            else:
+                out = _implicit_conv2d(x, weight, bias, stride, [p[0] for p in pads], dilation)
         else:
             out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups, traced)
     else:
@@ -160,11 +164,11 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
 
 
 def _implicit_gemm_takes(n, x, weight, pads, groups, traced) -> bool:
-    """torch_hpc.backends.conv.implicit_gemm on, and a layer its kernel covers: 2-D, groups 1,
-    channel counts multiples of 64, symmetric padding, an sm90 device, eager."""
+    """torch_hpc.backends.conv.implicit_gemm on, and a layer its kernel covers: 2-D (or 1-D, as
+    height 1), groups 1, channel counts multiples of 64, symmetric padding, an sm90 device, eager."""
     if not backends.conv.implicit_gemm or traced or torch.compiler.is_compiling():
         return False
-    if n != 2 or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
+    if n not in (1, 2) or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
         return False
     return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
