@@ -246,7 +246,7 @@ def _input_grad_by_convs(grad, weight, in_size, stride, padding, dilation, conv)
         for fw, pw in enumerate(phases[1]):
             if ph is None or pw is None:
                 continue
-            w = weight[:, :, ph.taps][:, :, :, pw.taps].transpose(0, 1).contiguous(memory_format=cl)
+            w = _taps(_taps(weight, 2, ph), 3, pw).transpose(0, 1).contiguous(memory_format=cl)
             y = conv(grad, w, [1, 1], [ph.pad, pw.pad], [ph.dilation, pw.dilation])
             y = y[:, :, ph.offset:ph.offset + ph.length, pw.offset:pw.offset + pw.length]
             if out is None:  # stride 1: the one phase is the whole gradient
@@ -262,6 +262,15 @@ class _Phase:
 
     def __init__(self, taps, dilation, pad, offset, length):
         self.taps, self.dilation, self.pad, self.offset, self.length = taps, dilation, pad, offset, length
+
+
+def _taps(weight, dim, phase):
+    """weight's taps of a phase along dim, in the phase's (descending) order: a strided slice of
+    the flipped kernel (the taps are evenly spaced), so no index tensor and no host sync."""
+    first, last = phase.taps[0], phase.taps[-1]
+    step = first - phase.taps[1] if len(phase.taps) > 1 else 1
+    span = weight.flip(dim).narrow(dim, weight.shape[dim] - 1 - first, first - last + 1)
+    return span[(slice(None),) * dim + (slice(None, None, step),)]
 
 
 def _phase(f, stride, padding, dilation, kernel, size, out_size):
