@@ -60,17 +60,27 @@ Planes split_cpu(const float* x, int64_t batch, int64_t rows, int64_t k, int64_t
       }
       uint32_t finite_max = 0;
       bool fallback = false;
+      RowStats whole;
       for (int64_t j = 0; j < k_blocks; ++j) {
         RowStats stats;
         for (int64_t i = j * kScaleBlock; i < std::min(k, (j + 1) * kScaleBlock); ++i) stats.add(row[i * sk]);
         block[j] = row_scale(stats.max_abs, stats.min_nonzero_abs);
         block_max[j] = stats.max_abs;
+        whole.merge(stats.max_abs, stats.min_nonzero_abs);
         if (block[j].fallback) fallback = true;
         else finite_max = std::max(finite_max, stats.max_abs);
       }
-      const int base = base_exponent(finite_max);
       const int64_t b = br / rows, r = br % rows;
-      for (int64_t j = 0; j < k_blocks; ++j) {
+      const RowScale one = row_scale(whole.max_abs, whole.min_nonzero_abs);
+      if (!one.fallback) {  // the row fits one exponent: every block keeps it (factors 1)
+        for (int64_t j = 0; j < k_blocks; ++j) {
+          block[j] = one;
+          factors[(b * k_blocks + j) * rows + r] = 1.0f;
+        }
+        finite_max = whole.max_abs;
+      }
+      const int base = base_exponent(finite_max);
+      for (int64_t j = 0; j < k_blocks && one.fallback; ++j) {
         const float f = block_factor(block[j], base, kMaxBlockShift);
         if (f == 0.0f && block_max[j] != 0) fallback = block[j].fallback = true;
         factors[(b * k_blocks + j) * rows + r] = f;

@@ -25,6 +25,7 @@ struct Planes {
   at::Tensor hi, lo, exponent, fallback;
   int64_t rows_pad, k_pad;
   at::Tensor factor;  // block mode: [batch, k_pad / 64, rows_pad] fp32 (../split.h)
+  at::Tensor block_tiles;  // block mode, base per row: [batch, rows_pad / 128], 1 where a row needs factors
 };
 
 // How split_cuda lays out the exponents (../split.h): one per row, or block mode with a base
@@ -47,7 +48,9 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
            at::empty({batch, rows_pad, k_pad}, opts.dtype(at::kHalf)),
            at::empty({batch, rows_pad}, opts.dtype(at::kInt)),
            at::empty({batch, rows_pad}, opts.dtype(at::kInt)), rows_pad, k_pad,
-           mode.blocks ? at::empty({batch, k_pad / kScaleBlock, rows_pad}, opts) : at::Tensor()};
+           mode.blocks ? at::empty({batch, k_pad / kScaleBlock, rows_pad}, opts) : at::Tensor(),
+           mode.blocks && mode.base_rows == 1 ? at::empty({batch, rows_pad / kTileRows}, opts.dtype(at::kInt))
+                                              : at::Tensor()};
   const at::Tensor stats = at::empty({2, batch, rows_pad}, opts.dtype(at::kInt));
   cuda::SplitParams sp{x.data_ptr<float>(),
                        batch, rows, k, sb, sr, sk,
@@ -59,7 +62,8 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
                        reinterpret_cast<uint32_t*>(stats[1].data_ptr<int32_t>()),
                        rows_pad, k_pad,
                        mode.blocks ? p.factor.data_ptr<float>() : nullptr,
-                       mode.base_rows, mode.max_shift};
+                       mode.base_rows, mode.max_shift,
+                       p.block_tiles.defined() ? p.block_tiles.data_ptr<int32_t>() : nullptr};
   C10_CUDA_CHECK(cuda::launch_split(sp, stream));
   return p;
 }
@@ -179,6 +183,7 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   gp.b_exponent = pb.exponent.data_ptr<int32_t>();
   gp.a_fallback = pa.fallback.data_ptr<int32_t>();
   gp.a_factor = sm90 ? pa.factor.data_ptr<float>() : nullptr;
+  gp.a_block_tiles = sm90 ? pa.block_tiles.data_ptr<int32_t>() : nullptr;
   gp.b_fallback = pb.fallback.data_ptr<int32_t>();
   gp.m_pad = pa.rows_pad;
   gp.n_pad = pb.rows_pad;

@@ -31,6 +31,10 @@ struct SplitParams {
   float* scale;       // block mode: the blocks' factors; null: one exponent per row
   int64_t base_rows;  // block mode: rows per base exponent (1: each row its own)
   int max_shift;      // block mode: largest base - block exponent kept (kMaxBlockShift or less)
+  // block mode with base_rows 1: a row that fits one exponent takes its row's for every block
+  // (factors 1), and block_tiles [batch, rows_pad / 128] is set to 1 for every 128-row tile that
+  // holds a row that does not (null: every row takes block exponents)
+  int32_t* block_tiles;
 };
 
 // C[b, m, n] = sum_k A[b, m, k] B[b, k, n] from the split planes of A (rows = M) and of
@@ -41,6 +45,9 @@ struct GemmParams {
   const uint16_t *a_hi, *a_lo, *b_hi, *b_lo;
   const int32_t *a_exponent, *b_exponent, *a_fallback, *b_fallback;
   const float* a_factor;
+  // per 128-row tile of A [batch, m_pad / 128]: 1 where a row needs its block factors, 0 where
+  // every row fits one exponent (all factors 1: the row loop); null: every tile takes factors
+  const int32_t* a_block_tiles;
   int64_t m_pad, n_pad, k_pad;  // plane shapes (per batch)
   const float* a_orig;          // original A and B for the exact fallback path
   int64_t a_stride_b, a_stride_m, a_stride_k;

@@ -209,6 +209,59 @@ __device__ __forceinline__ void consumer_mainloop(const SharedStages& sm, int co
   }
 }
 
+// The main loop of tiles whose A rows all fit one exponent (every factor 1): hi*hi promoted per
+// kPromote k by FADD while that chunk's corrections run, the corrections accumulated over the
+// whole K in the tensor core and added once at the end (acc += 2^-11 corr): two roundings of
+// acc per k-block, where the block loop above has three, and no wait between k-blocks.
+__device__ __forceinline__ void consumer_mainloop_rows(const SharedStages& sm, int consumer, int k_blocks,
+                                                       bool release_lane, PipeState& pipe,
+                                                       float (&acc)[kAccRegs], float (&fresh)[kAccRegs],
+                                                       float (&corr)[kAccRegs]) {
+  constexpr float kLoScale = 1.0f / float(1 << kLoShift);
+#pragma unroll
+  for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
+  int prev_stage = -1;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const int stage = pipe.stage;
+    ptx::mbar_wait(&sm.full[stage], pipe.phase);
+    const uint8_t* sa = stage_tiles(sm, stage) + consumer * 64 * 128;  // this consumer's rows
+    const uint8_t* sb = stage_tiles(sm, stage);
+    const BlockDescs d{ptx::smem_desc_sw128(sa), ptx::smem_desc_sw128(sa + kPlaneBytes),
+                       ptx::smem_desc_sw128(sb + 2 * kPlaneBytes), ptx::smem_desc_sw128(sb + 3 * kPlaneBytes)};
+#pragma unroll 1
+    for (int chunk = 0; chunk < kBK / kPromote; ++chunk) {
+      ptx::fence_regs(fresh);
+      ptx::fence_regs(corr);
+      ptx::wgmma_fence();
+      const int k0 = chunk * (kPromote / 16);
+#pragma unroll
+      for (int kk = 0; kk < kPromote / 16; ++kk)
+        ptx::wgmma_m64n128k16(fresh, d.a_hi + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), kk > 0);
+      ptx::wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kPromote / 16; ++kk) {
+        ptx::wgmma_m64n128k16(corr, d.a_hi + 2 * (k0 + kk), d.b_lo + 2 * (k0 + kk), kb > 0 || k0 + kk > 0);
+        ptx::wgmma_m64n128k16(corr, d.a_lo + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), 1);
+      }
+      ptx::wgmma_commit();
+      ptx::fence_regs(fresh);
+      ptx::wgmma_wait<1>();
+      ptx::fence_regs(fresh);
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) acc[i] += fresh[i];
+      if (chunk == 0 && prev_stage >= 0 && release_lane) ptx::mbar_arrive(&sm.empty[prev_stage]);
+    }
+    prev_stage = stage;
+    pipe.advance();
+  }
+  ptx::fence_regs(corr);
+  ptx::wgmma_wait<0>();
+  ptx::fence_regs(corr);
+  if (prev_stage >= 0 && release_lane) ptx::mbar_arrive(&sm.empty[prev_stage]);
+#pragma unroll
+  for (int i = 0; i < kAccRegs; ++i) acc[i] += corr[i] * kLoScale;
+}
+
 // Consumer epilogue: C = 2^(e_row + e_col) acc for this consumer's 64 x 128.
 __device__ __forceinline__ void consumer_epilogue(const GemmParams& p, const TileCoord& tc,
                                                   const FragmentPlace& at, const float (&acc)[kAccRegs]) {
@@ -289,7 +342,13 @@ __device__ __forceinline__ void consumer_tiles(const SharedStages& sm, const Gem
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
     const KRange ks = k_range(tc.batch, k_blocks, k_slice);
-    consumer_mainloop<kScaleB>(sm, consumer, at, ks.end - ks.first, lane == 0, pipe, acc, fresh, corr);
+    // tiles whose rows of A all fit one exponent take the row loop (the split says which)
+    const bool blocks = kScaleB || p.a_block_tiles == nullptr ||
+                        p.a_block_tiles[int64_t(tc.batch) * tiles_m + tc.row_tile] != 0;
+    if (blocks)
+      consumer_mainloop<kScaleB>(sm, consumer, at, ks.end - ks.first, lane == 0, pipe, acc, fresh, corr);
+    else
+      consumer_mainloop_rows(sm, consumer, ks.end - ks.first, lane == 0, pipe, acc, fresh, corr);
     consumer_epilogue(p, tc, at, acc);
   }
 }

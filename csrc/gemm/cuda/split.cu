@@ -127,6 +127,7 @@ __device__ __forceinline__ void record_block(const SplitParams& p, int64_t b, in
   }
   *slot = mx;
   if (mx != 0) atomicMax(p.row_max + b * p.rows_pad + row / p.base_rows, mx);
+  if (mn != kNoNonzero) atomicMin(p.row_min + b * p.rows_pad + row, mn);
 }
 
 constexpr int kChunkBlocks = kStatsChunk / kScaleBlock;
@@ -207,6 +208,11 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
   } else if (threadIdx.y == 0) {  // block mode: the two blocks' factors, in place of their statistics
     const int64_t row = r0 + lane, at = b * p.rows_pad + row;
     const int base = row < p.rows ? base_exponent(p.row_max[b * p.rows_pad + row / p.base_rows]) : 0;
+    // with a base per row, a row that fits one exponent keeps it for every block (factors 1)
+    const bool fits = p.base_rows == 1 && row < p.rows && !p.fallback[at] &&
+                      !row_scale(p.row_max[at], p.row_min[at]).fallback;
+    if (p.block_tiles != nullptr && row < p.rows && !fits && blockIdx.y == 0)
+      p.block_tiles[at / kTileRows] = 1;
     if (blockIdx.y == 0) p.exponent[at] = base;
 #pragma unroll
     for (int h = 0; h < kSplitK / kScaleBlock; ++h) {
@@ -215,7 +221,10 @@ __global__ void __launch_bounds__(256) split_write_kernel(SplitParams p, int64_t
       float* slot = p.scale + (b * (p.k_pad / kScaleBlock) + kb) * p.rows_pad + row;
       RowScale s{0, false};
       float factor = 0.0f;
-      if (row < p.rows) {
+      if (fits) {
+        s = RowScale{base, false};
+        factor = 1.0f;
+      } else if (row < p.rows) {
         const uint32_t bits = *reinterpret_cast<const uint32_t*>(slot);
         s = bits == kNoNonzero ? RowScale{0, true} : row_scale(bits, bits);
         factor = block_factor(s, base, p.max_shift);
@@ -258,6 +267,7 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
   __shared__ RowScale blocks[kResidentMaxBlocks];  // block mode: each block's exponent
   __shared__ uint32_t block_max[kResidentMaxBlocks];
   __shared__ int lost;                              // a block too far below the base
+  __shared__ bool fits;                             // block mode: the row fits one exponent
   const int64_t b = batch_offset + blockIdx.z;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows;
   const float* x = p.x + b * p.stride_b;
@@ -302,9 +312,10 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
       const RowScale s = row_scale(mine.max_abs, mine.min_nonzero_abs);
       blocks[tid] = s;
       block_max[tid] = mine.max_abs;
-      // the reduction below: largest finite |x| of blocks that stay, any block that falls back
-      stats.max_abs = s.fallback ? 0u : mine.max_abs;
-      stats.min_nonzero_abs = s.fallback ? 0u : kNoNonzero;
+      // the reduction below: the row's largest and smallest nonzero |x|, a block that falls
+      // back counting as inf (the row falls back)
+      stats.max_abs = s.fallback ? kAbsInfBits : mine.max_abs;
+      stats.min_nonzero_abs = mine.min_nonzero_abs;
     }
     uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
     warp_reduce(mx, mn);
@@ -317,27 +328,35 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
       RowStats all;
 #pragma unroll
       for (int w = 0; w < kResidentThreads / 32; ++w) all.merge(part_max[w], part_min[w]);
-      if (p.scale == nullptr) {
-        scale = row_scale(all.max_abs, all.min_nonzero_abs);
-      } else {
-        scale = RowScale{base_exponent(all.max_abs), all.min_nonzero_abs == 0};
-        lost = 0;
+      scale = row_scale(all.max_abs, all.min_nonzero_abs);
+      // block mode: a row that fits one exponent keeps it (factors 1), others take their blocks'
+      fits = p.scale == nullptr || !scale.fallback;
+      if (!fits) {
+        const bool flagged = all.max_abs >= kAbsInfBits;
+        scale = RowScale{flagged ? 0 : base_exponent(all.max_abs), flagged};
+        if (p.block_tiles != nullptr) p.block_tiles[at / kTileRows] = 1;
       }
+      lost = 0;
     }
     __syncthreads();
     const RowScale s = scale;
     if (p.scale != nullptr && tid < k_pad / kScaleBlock) {
-      const float factor = block_factor(blocks[tid], s.exponent, p.max_shift);
-      if (factor == 0.0f && block_max[tid] != 0) {
-        blocks[tid].fallback = true;
-        lost = 1;
+      float factor = 1.0f;
+      if (fits) {
+        blocks[tid] = s;
+      } else {
+        factor = block_factor(blocks[tid], s.exponent, p.max_shift);
+        if (factor == 0.0f && block_max[tid] != 0) {
+          blocks[tid].fallback = true;
+          lost = 1;
+        }
       }
       p.scale[(b * (k_pad / kScaleBlock) + tid) * p.rows_pad + r0 + r] = factor;
     }
     if (p.scale != nullptr) __syncthreads();
     if (tid == 0) {
       p.exponent[at] = s.exponent;
-      p.fallback[at] = s.fallback || (p.scale != nullptr && lost) ? 1 : 0;
+      p.fallback[at] = s.fallback || lost ? 1 : 0;
     }
     uint32_t* hi = reinterpret_cast<uint32_t*>(p.hi + at * k_pad);
     uint32_t* lo = reinterpret_cast<uint32_t*>(p.lo + at * k_pad);
@@ -368,6 +387,11 @@ static int resident_rows(const SplitParams& p) {
 }
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
+  if (p.block_tiles != nullptr) {
+    cudaError_t err = cudaMemsetAsync(p.block_tiles, 0, size_t(p.batch * (p.rows_pad / kTileRows)) * sizeof(int32_t),
+                                      stream);
+    if (err != cudaSuccess) return err;
+  }
   static_assert(kTileK % 64 == 0 && kSplitK % 64 == 0 && kTileRows % kSplitRows == 0,
                 "planes hold whole tiles, written 64 k at a time");
   static_assert(kTileK % 2 == 0 && kTileRows % 8 == 0, "the one-pass route writes pairs, 8 rows at most");
@@ -387,8 +411,7 @@ cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
   }
   const size_t stat_bytes = size_t(p.batch * p.rows_pad) * sizeof(uint32_t);
   cudaError_t err = cudaMemsetAsync(p.row_max, 0, stat_bytes, stream);
-  if (err == cudaSuccess && p.scale == nullptr)
-    err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
+  if (err == cudaSuccess) err = cudaMemsetAsync(p.row_min, 0xff, stat_bytes, stream);  // kNoNonzero
   if (err == cudaSuccess && p.scale != nullptr)  // block mode: blocks flag their rows
     err = cudaMemsetAsync(p.fallback, 0, stat_bytes, stream);
   if (err != cudaSuccess) return err;
