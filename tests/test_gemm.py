@@ -134,9 +134,10 @@ def test_too_wide_rows_take_the_exact_path(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_blocks_of_a_row_far_apart_keep_the_emulation(device):
-    """Block mode (A's rows, 64 k per exponent): a row whose first 64 values are 2^40 above the
-    rest, or whose blocks step down by 2^-20 each, is no exact-path row and stays within the
-    contract; a block more than 96 binades below its row's largest falls back and is exact."""
+    """torch_hpc.backends.gemm.block_exponents (A's rows, 64 k per exponent where a row needs
+    it): a row whose first 64 values are 2^40 above the rest, or whose blocks step down by 2^-20
+    each, is no exact-path row and stays within the contract (with one exponent per row, all of
+    them are); a block more than 96 binades below its row's largest falls back and is exact."""
     seed = 13
     gen = generator(device, seed)
     a = torch.randn(96, 320, device=device, generator=gen)
@@ -146,7 +147,11 @@ def test_blocks_of_a_row_far_apart_keep_the_emulation(device):
                             -20 * (torch.arange(320, device=device) // 64))
     a[64, 256:] *= 2.0**-110                                 # beyond the 96-binade shift
     assert torch_hpc.split(a)[3][:65].all()                  # one exponent per row: all flagged
-    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False, block_exponents=False):
+        torch_hpc.exact_path_stats(device, reset=True)
+        torch_hpc.mm(a, b)
+        assert torch_hpc.exact_path_stats(device, reset=True)["exact_outputs"] >= 65 * 130
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False, block_exponents=True):
         torch_hpc.exact_path_stats(device, reset=True)
         c = torch_hpc.mm(a, b)
         stats = torch_hpc.exact_path_stats(device, reset=True)
@@ -160,7 +165,7 @@ def test_blocks_of_a_row_far_apart_keep_the_emulation(device):
 def test_cross_entropy_gradient_products_stay_off_the_exact_path(device):
     """The language-model head's backward products with a 32000-word vocabulary (logits of std 2:
     rows of the gradient span ~2^33, 9 in 10 rows fall back with one exponent per row) run
-    without the exact path in block mode, within the contract."""
+    without the exact path with block exponents, within the contract."""
     gen = generator(device, 21)
     tokens, vocab, width = 64, 32000, 96
     logits = 2 * torch.randn(tokens, vocab, device=device, generator=gen)
@@ -171,7 +176,7 @@ def test_cross_entropy_gradient_products_stay_off_the_exact_path(device):
     w = 0.02 * torch.randn(vocab, width, device=device, generator=gen)
     x = torch.randn(tokens, width, device=device, generator=gen)
     assert torch_hpc.split(grad)[3].float().mean() > 0.5
-    with torch_hpc.backends.gemm.flags(sgemm_fallback=False):
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False, block_exponents=True):
         torch_hpc.exact_path_stats(device, reset=True)
         grad_x = torch_hpc.mm(grad, w)           # dL/dx
         grad_w = torch_hpc.mm(grad.t(), x)       # dL/dW, the gradient's columns as rows of A

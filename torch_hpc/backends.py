@@ -2,14 +2,18 @@
 
     torch_hpc.backends.gemm.sgemm_fallback = False   # keep the emulation for small products
     torch_hpc.backends.gemm.kernel = "sm80"          # "auto" | "sm80" | "sm90"
+    torch_hpc.backends.gemm.block_exponents = True   # A's rows: an exponent per 64 k where needed
     torch_hpc.backends.conv.implicit_gemm = True     # the implicit-GEMM convolution kernel
 
 sgemm_fallback (default True): products too small to fill the GPU (fewer 128x128 output tiles
 than the kernel needs per SM) run on cuBLAS SGEMM with TF32 off, which is faster there and
 fp32-accurate. kernel (default "auto"): the tensor-core kernel, "sm90" (wgmma + TMA, compute
 capability 9.0 builds with sm_90a) where it runs, else "sm80" (mma.sync); forcing "sm90" where
-it cannot run raises at the next product. The values live in the compiled library and are read
-by every call, on every thread.
+it cannot run raises at the next product. block_exponents (default False): rows of A whose values
+span more than one fp16 window (cross-entropy gradients, softmax outputs) are split with one
+exponent per 64 values instead of falling back to the exact fp64 path (sm90 kernel and CPU;
+docs/gemm.md); off until its kernel has been measured on a GPU. The values live in the compiled
+library and are read by every call, on every thread.
 
 The environment variables TORCH_HPC_SGEMM_FALLBACK (0/1) and TORCH_HPC_GEMM_KERNEL give the
 defaults at import; nothing reads them later (see docs/switches.md).
@@ -37,21 +41,33 @@ class _Gemm:
     def kernel(self, name: str) -> None:
         _C._set_gemm_kernel(name)
 
+    @property
+    def block_exponents(self) -> bool:
+        return _C._get_block_exponents()
+
+    @block_exponents.setter
+    def block_exponents(self, enabled: bool) -> None:
+        _C._set_block_exponents(bool(enabled))
+
     @contextlib.contextmanager
-    def flags(self, sgemm_fallback: bool | None = None, kernel: str | None = None):
+    def flags(self, sgemm_fallback: bool | None = None, kernel: str | None = None,
+              block_exponents: bool | None = None):
         """Sets the given switches inside the `with` block and restores them after."""
-        before = (self.sgemm_fallback, self.kernel)
+        before = (self.sgemm_fallback, self.kernel, self.block_exponents)
         try:
             if sgemm_fallback is not None:
                 self.sgemm_fallback = sgemm_fallback
             if kernel is not None:
                 self.kernel = kernel
+            if block_exponents is not None:
+                self.block_exponents = block_exponents
             yield
         finally:
-            self.sgemm_fallback, self.kernel = before
+            self.sgemm_fallback, self.kernel, self.block_exponents = before
 
     def __repr__(self):
-        return f"torch_hpc.backends.gemm(sgemm_fallback={self.sgemm_fallback}, kernel={self.kernel!r})"
+        return (f"torch_hpc.backends.gemm(sgemm_fallback={self.sgemm_fallback}, kernel={self.kernel!r}, "
+                f"block_exponents={self.block_exponents})")
 
 
 gemm = _Gemm()

@@ -47,11 +47,26 @@ PyObject* set_kernel(PyObject*, PyObject* arg) {
   return nullptr;
 }
 
+PyObject* get_block_exponents(PyObject*, PyObject*) {
+  return PyBool_FromLong(torch_hpc::gemm::block_exponents());
+}
+
+PyObject* set_block_exponents(PyObject*, PyObject* arg) {
+  if (!PyBool_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "torch_hpc.backends.gemm.block_exponents: expected a bool");
+    return nullptr;
+  }
+  torch_hpc::gemm::set_block_exponents(arg == Py_True);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"_get_sgemm_fallback", get_sgemm_fallback, METH_NOARGS, nullptr},
     {"_set_sgemm_fallback", set_sgemm_fallback, METH_O, nullptr},
     {"_get_gemm_kernel", get_kernel, METH_NOARGS, nullptr},
     {"_set_gemm_kernel", set_kernel, METH_O, nullptr},
+    {"_get_block_exponents", get_block_exponents, METH_NOARGS, nullptr},
+    {"_set_block_exponents", set_block_exponents, METH_O, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

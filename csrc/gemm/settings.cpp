@@ -7,6 +7,7 @@ namespace gemm {
 namespace {
 std::atomic<bool> sgemm_fallback_enabled{true};
 std::atomic<int> kernel{static_cast<int>(KernelChoice::kAuto)};
+std::atomic<bool> block_exponents_enabled{false};
 }  // namespace
 
 void set_sgemm_fallback(bool enabled) { sgemm_fallback_enabled.store(enabled, std::memory_order_relaxed); }
@@ -14,6 +15,9 @@ bool sgemm_fallback() { return sgemm_fallback_enabled.load(std::memory_order_rel
 
 void set_kernel_choice(KernelChoice choice) { kernel.store(static_cast<int>(choice), std::memory_order_relaxed); }
 KernelChoice kernel_choice() { return static_cast<KernelChoice>(kernel.load(std::memory_order_relaxed)); }
+
+void set_block_exponents(bool enabled) { block_exponents_enabled.store(enabled, std::memory_order_relaxed); }
+bool block_exponents() { return block_exponents_enabled.load(std::memory_order_relaxed); }
 
 }  // namespace gemm
 }  // namespace torch_hpc

@@ -16,5 +16,10 @@ bool sgemm_fallback();
 void set_kernel_choice(KernelChoice choice);
 KernelChoice kernel_choice();
 
+// A's rows split with one exponent per 64 k where a row needs it (../split.h, block mode), on
+// the sm90 kernel and the CPU. Default off until measured on a GPU.
+void set_block_exponents(bool enabled);
+bool block_exponents();
+
 }  // namespace gemm
 }  // namespace torch_hpc

@@ -1,5 +1,5 @@
 // CPU implementation of the emulated fp32 GEMM: the same split as the CUDA kernels (split.h,
-// bit-identical; A's rows in block mode as the sm90 kernel takes them), the same three products
+// bit-identical; A's rows in block mode where the sm90 kernel takes them so), the same three products
 // hi*hi + 2^-11 (hi*lo + lo*hi). Products of fp16
 // parts are exact in fp64, and the CPU accumulates them in fp64 (the GPU promotes fp32
 // tensor-core partial sums every k-tile instead). Fallback rows/columns: fp64 dot products.
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../settings.h"
 #include "../split.h"
 
 namespace torch_hpc {
@@ -188,8 +189,10 @@ at::Tensor bmm_cpu_impl(const at::Tensor& a, const at::Tensor& b) {
   if (k == 0) return c.zero_();
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
-  // A in block mode, B per column, as the sm90 kernel splits them
-  const Planes pa = split_cpu(ap, batch, m, k, a.stride(0), a.stride(1), a.stride(2), a.options(), true);
+  // A in block mode where torch_hpc.backends.gemm.block_exponents says so, B per column, as the
+  // sm90 kernel splits them
+  const Planes pa = split_cpu(ap, batch, m, k, a.stride(0), a.stride(1), a.stride(2), a.options(),
+                              block_exponents());
   const Planes pb = split_cpu(bp, batch, n, k, b.stride(0), b.stride(2), b.stride(1), b.options(), false);
   float* cp = c.data_ptr<float>();
   for (int64_t bi = 0; bi < batch; ++bi)

@@ -168,9 +168,9 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   if (c.numel() == 0) return c;
   if (k == 0) return c.zero_();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm90 = kernel == cuda::GemmKernel::sm90;  // takes A in block mode
+  const bool blocks = kernel == cuda::GemmKernel::sm90 && block_exponents();  // A in block mode
   const Planes pa = split_cuda(a, batch, m, k, a.stride(0), a.stride(1), a.stride(2), stream,
-                               sm90 ? kBlocks : kPerRow);
+                               blocks ? kBlocks : kPerRow);
   const Planes pb = b_planes != nullptr
                         ? *b_planes
                         : split_cuda(b, batch, n, k, b.stride(0), b.stride(2), b.stride(1), stream);
@@ -182,8 +182,8 @@ at::Tensor bmm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const Planes*
   gp.a_exponent = pa.exponent.data_ptr<int32_t>();
   gp.b_exponent = pb.exponent.data_ptr<int32_t>();
   gp.a_fallback = pa.fallback.data_ptr<int32_t>();
-  gp.a_factor = sm90 ? pa.factor.data_ptr<float>() : nullptr;
-  gp.a_block_tiles = sm90 ? pa.block_tiles.data_ptr<int32_t>() : nullptr;
+  gp.a_factor = blocks ? pa.factor.data_ptr<float>() : nullptr;
+  gp.a_block_tiles = blocks ? pa.block_tiles.data_ptr<int32_t>() : nullptr;
   gp.b_fallback = pb.fallback.data_ptr<int32_t>();
   gp.m_pad = pa.rows_pad;
   gp.n_pad = pb.rows_pad;

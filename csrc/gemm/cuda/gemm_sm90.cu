@@ -1,5 +1,6 @@
 // sm90 GEMM stage, Hopper (sm_90a) only: the producer TMA-loads the four fp16 planes of each
-// k-block and the block factors of A's rows (A split in block mode, B one exponent per column);
+// k-block and, with A split in block mode, the block factors of A's rows (B one exponent per
+// column);
 // the consumers, the pipeline and the epilogue are sm90_pipeline.cuh's. A persistent grid.
 // Torch-free: see kernels.h.
 #include "sm90_pipeline.cuh"
@@ -20,7 +21,7 @@ struct PlaneMaps {
 // Producer (one thread): for each tile of this CTA, every k-block's four planes and A's factors
 // by TMA into the next free stage.
 __device__ __forceinline__ void producer_load(const SharedStages& sm, const PlaneMaps& maps,
-                                              int k_blocks, int tiles_m, int tiles_n,
+                                              bool factors, int k_blocks, int tiles_m, int tiles_n,
                                               int total_tiles) {
   PipeState pipe;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
@@ -29,14 +30,14 @@ __device__ __forceinline__ void producer_load(const SharedStages& sm, const Plan
     for (int kb = 0; kb < k_blocks; ++kb) {
       const int stage = pipe.stage;
       ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
-      ptx::mbar_arrive_expect_tx(&sm.full[stage], 4 * kPlaneBytes + kFactorBytes);
+      ptx::mbar_arrive_expect_tx(&sm.full[stage], 4 * kPlaneBytes + (factors ? kFactorBytes : 0));
       uint8_t* dst = stage_tiles(sm, stage);
       const int k0 = kb * kBK;
       ptx::tma_load_3d(dst, maps.a_hi, &sm.full[stage], k0, m0, tc.batch);
       ptx::tma_load_3d(dst + kPlaneBytes, maps.a_lo, &sm.full[stage], k0, m0, tc.batch);
       ptx::tma_load_3d(dst + 2 * kPlaneBytes, maps.b_hi, &sm.full[stage], k0, n0, tc.batch);
       ptx::tma_load_3d(dst + 3 * kPlaneBytes, maps.b_lo, &sm.full[stage], k0, n0, tc.batch);
-      ptx::tma_load_3d(a_factors(sm, stage), maps.a_factor, &sm.full[stage], m0, kb, tc.batch);
+      if (factors) ptx::tma_load_3d(a_factors(sm, stage), maps.a_factor, &sm.full[stage], m0, kb, tc.batch);
       pipe.advance();
     }
   }
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ptx::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0)
       producer_load(sm, PlaneMaps{&map_a_hi, &map_a_lo, &map_b_hi, &map_b_lo, &map_a_factor},
-                    k_blocks, tiles_m, tiles_n, total_tiles);
+                    p.a_factor != nullptr, k_blocks, tiles_m, tiles_n, total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
     consumer_tiles<false>(sm, p, warpgroup, k_blocks, 0, tiles_m, tiles_n, total_tiles);
@@ -81,13 +82,13 @@ bool sm90_kernel_built() {
 cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t stream) {
   const int64_t tiles_m = p.m_pad / kBM, tiles_n = p.n_pad / kBN;
   const int64_t total = p.batch * tiles_m * tiles_n;
-  if (total > INT32_MAX || p.k_pad % kBK != 0 || p.a_factor == nullptr) return cudaErrorInvalidValue;
-  CUtensorMap maps[5];
+  if (total > INT32_MAX || p.k_pad % kBK != 0) return cudaErrorInvalidValue;
+  CUtensorMap maps[5] = {};
   if (!plane_map(&maps[0], p.a_hi, p.batch, p.m_pad, p.k_pad) ||
       !plane_map(&maps[1], p.a_lo, p.batch, p.m_pad, p.k_pad) ||
       !plane_map(&maps[2], p.b_hi, p.batch, p.n_pad, p.k_pad) ||
       !plane_map(&maps[3], p.b_lo, p.batch, p.n_pad, p.k_pad) ||
-      !factor_map(&maps[4], p.a_factor, p.batch, p.m_pad, p.k_pad / kBK))
+      (p.a_factor != nullptr && !factor_map(&maps[4], p.a_factor, p.batch, p.m_pad, p.k_pad / kBK)))
     return cudaErrorInvalidValue;
   cudaError_t err = raise_smem_limit(reinterpret_cast<const void*>(gemm_sm90_kernel), kSmemBytes);
   if (err != cudaSuccess) return err;

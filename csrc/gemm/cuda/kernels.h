@@ -39,8 +39,8 @@ struct SplitParams {
 
 // C[b, m, n] = sum_k A[b, m, k] B[b, k, n] from the split planes of A (rows = M) and of
 // B^T (rows = N); rows flagged as fallback in either are recomputed from a/b_orig in fp64.
-// The sm90 kernel takes A in block mode (a_factor [batch, k_pad / 64, m_pad]), the sm80 kernel
-// one exponent per row (a_factor null).
+// The sm90 kernel takes A in block mode (a_factor [batch, k_pad / 64, m_pad]) or with one
+// exponent per row (a_factor null), the sm80 kernel one exponent per row.
 struct GemmParams {
   const uint16_t *a_hi, *a_lo, *b_hi, *b_lo;
   const int32_t *a_exponent, *b_exponent, *a_fallback, *b_fallback;

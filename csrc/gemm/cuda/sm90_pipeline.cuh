@@ -343,8 +343,8 @@ __device__ __forceinline__ void consumer_tiles(const SharedStages& sm, const Gem
     const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
     const KRange ks = k_range(tc.batch, k_blocks, k_slice);
     // tiles whose rows of A all fit one exponent take the row loop (the split says which)
-    const bool blocks = kScaleB || p.a_block_tiles == nullptr ||
-                        p.a_block_tiles[int64_t(tc.batch) * tiles_m + tc.row_tile] != 0;
+    const bool blocks = kScaleB || (p.a_factor != nullptr && (p.a_block_tiles == nullptr ||
+                                    p.a_block_tiles[int64_t(tc.batch) * tiles_m + tc.row_tile] != 0));
     if (blocks)
       consumer_mainloop<kScaleB>(sm, consumer, at, ks.end - ks.first, lane == 0, pipe, acc, fresh, corr);
     else
