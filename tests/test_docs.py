@@ -1,5 +1,6 @@
 """The README as a new user reads it: the Quick start's script runs under the launch commands
 shown, after the activation line shown; the docs give one rule for ranks x threads per core."""
+import json
 import os
 import re
 import subprocess
@@ -56,3 +57,19 @@ def test_the_docs_give_one_rule_for_ranks_times_threads():
 
 def test_readme_says_what_the_mode_does_with_cpu_tensors():
     assert "CPU tensors keep torch's own kernels unless `fp32_emulation(cpu=True)`" in " ".join(README.split())
+
+
+def test_main_jobs_summary_prints_small_rates_with_their_digits(tmp_path):
+    """The main job's summary on a CPU machine (emulation ~0.0035 TFLOP/s) shows the rate, not
+    0.00: its Python runs here on reports shaped as the job writes them."""
+    script = (ROOT / "examples" / "main.sh").read_text()
+    summary = script[script.index("<<'PYEOF'\n") + len("<<'PYEOF'\n"):script.index("\nPYEOF")]
+    (tmp_path / "train_digits.json").write_text(json.dumps({
+        "time_to_target": 1.5, "target": 0.95, "ranks": [{"steps_per_second": 120.0}], "world_size": 2,
+        "launcher": "mpich", "mode": "async", "device": "cpu", "final_accuracy": 0.97}))
+    row = {"m": 1024, "n": 1024, "k": 1024, "fp32": {"tflops": 0.0412, "error": 2.1e-7},
+           "torch_hpc": {"tflops": 0.0035, "error": 1.9e-7}}
+    (tmp_path / "gemm-cpu.json").write_text(json.dumps({"rows": [row], "meta": {"card": "x86_64", "device": "cpu"}}))
+    out = subprocess.run([sys.executable, "-c", summary, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "torch_hpc 0.0035 TFLOP/s" in out.stdout and "fp32 0.0412 TFLOP/s" in out.stdout, out.stdout
