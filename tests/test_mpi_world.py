@@ -80,8 +80,8 @@ def test_init_process_group_finds_the_launchers_ranks(launcher, via_init, backen
     default env:// rendezvous takes the ranks from MPI; under torchrun from torchrun."""
     if launcher == "torchrun" and not torchrun_supported():
         pytest.skip("torchrun launches need an MPICH-family MPI or Open MPI 4")
-    env = {v: "" for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} if launcher == "mpiexec" else {}
-    env = {k: v for k, v in os.environ.items() if k not in env}
+    unset = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if launcher == "mpiexec" else ()
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     args = ["--backend", backend] + (["--via-init"] if via_init else [])
     base = mpiexec_command(2, python=True) if launcher == "mpiexec" else torchrun_command(2)
     proc = subprocess.run(base + [str(WORKERS / "init_pg_worker.py"), *args], capture_output=True, text=True,

@@ -135,10 +135,17 @@ __device__ __forceinline__ void promote(float (&acc)[kAccRegs], const float (&fr
 
 // wgmma groups of one k-block, 16 k per instruction (+32 B = +2 in a descriptor): the hi*hi
 // product of the k-block's chunk `chunk` into fresh, and its corrections into corr (chunk 0
-// starts corr afresh).
+// starts corr afresh unless `carry`: the row loop sums them over the whole K).
 struct BlockDescs {
   uint64_t a_hi, a_lo, b_hi, b_lo;
 };
+// The descriptors of a stage's planes: this consumer's 64 rows of A, all of B.
+__device__ __forceinline__ BlockDescs stage_descs(const SharedStages& sm, int stage, int consumer) {
+  const uint8_t* sa = stage_tiles(sm, stage) + consumer * 64 * 128;
+  const uint8_t* sb = stage_tiles(sm, stage);
+  return {ptx::smem_desc_sw128(sa), ptx::smem_desc_sw128(sa + kPlaneBytes),
+          ptx::smem_desc_sw128(sb + 2 * kPlaneBytes), ptx::smem_desc_sw128(sb + 3 * kPlaneBytes)};
+}
 __device__ __forceinline__ void issue_main(float (&fresh)[kAccRegs], const BlockDescs& d, int chunk) {
   const int k0 = chunk * (kPromote / 16);
 #pragma unroll
@@ -146,11 +153,12 @@ __device__ __forceinline__ void issue_main(float (&fresh)[kAccRegs], const Block
     ptx::wgmma_m64n128k16(fresh, d.a_hi + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), kk > 0);
   ptx::wgmma_commit();
 }
-__device__ __forceinline__ void issue_corrections(float (&corr)[kAccRegs], const BlockDescs& d, int chunk) {
+__device__ __forceinline__ void issue_corrections(float (&corr)[kAccRegs], const BlockDescs& d, int chunk,
+                                                  bool carry = false) {
   const int k0 = chunk * (kPromote / 16);
 #pragma unroll
   for (int kk = 0; kk < kPromote / 16; ++kk) {
-    ptx::wgmma_m64n128k16(corr, d.a_hi + 2 * (k0 + kk), d.b_lo + 2 * (k0 + kk), k0 + kk > 0);
+    ptx::wgmma_m64n128k16(corr, d.a_hi + 2 * (k0 + kk), d.b_lo + 2 * (k0 + kk), carry || k0 + kk > 0);
     ptx::wgmma_m64n128k16(corr, d.a_lo + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), 1);
   }
   ptx::wgmma_commit();
@@ -175,10 +183,7 @@ __device__ __forceinline__ void consumer_mainloop(const SharedStages& sm, int co
   for (int kb = 0; kb < k_blocks; ++kb) {
     const int stage = pipe.stage;
     ptx::mbar_wait(&sm.full[stage], pipe.phase);
-    const uint8_t* sa = stage_tiles(sm, stage) + consumer * 64 * 128;  // this consumer's rows
-    const uint8_t* sb = stage_tiles(sm, stage);
-    const BlockDescs d{ptx::smem_desc_sw128(sa), ptx::smem_desc_sw128(sa + kPlaneBytes),
-                       ptx::smem_desc_sw128(sb + 2 * kPlaneBytes), ptx::smem_desc_sw128(sb + 3 * kPlaneBytes)};
+    const BlockDescs d = stage_descs(sm, stage, consumer);
     const float f0 = a_factors(sm, stage)[at.row], f1 = a_factors(sm, stage)[at.row + 8];
     const float* fb = b_factors(sm, stage);
 
@@ -224,26 +229,14 @@ __device__ __forceinline__ void consumer_mainloop_rows(const SharedStages& sm, i
   for (int kb = 0; kb < k_blocks; ++kb) {
     const int stage = pipe.stage;
     ptx::mbar_wait(&sm.full[stage], pipe.phase);
-    const uint8_t* sa = stage_tiles(sm, stage) + consumer * 64 * 128;  // this consumer's rows
-    const uint8_t* sb = stage_tiles(sm, stage);
-    const BlockDescs d{ptx::smem_desc_sw128(sa), ptx::smem_desc_sw128(sa + kPlaneBytes),
-                       ptx::smem_desc_sw128(sb + 2 * kPlaneBytes), ptx::smem_desc_sw128(sb + 3 * kPlaneBytes)};
+    const BlockDescs d = stage_descs(sm, stage, consumer);
 #pragma unroll 1
     for (int chunk = 0; chunk < kBK / kPromote; ++chunk) {
       ptx::fence_regs(fresh);
       ptx::fence_regs(corr);
       ptx::wgmma_fence();
-      const int k0 = chunk * (kPromote / 16);
-#pragma unroll
-      for (int kk = 0; kk < kPromote / 16; ++kk)
-        ptx::wgmma_m64n128k16(fresh, d.a_hi + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), kk > 0);
-      ptx::wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < kPromote / 16; ++kk) {
-        ptx::wgmma_m64n128k16(corr, d.a_hi + 2 * (k0 + kk), d.b_lo + 2 * (k0 + kk), kb > 0 || k0 + kk > 0);
-        ptx::wgmma_m64n128k16(corr, d.a_lo + 2 * (k0 + kk), d.b_hi + 2 * (k0 + kk), 1);
-      }
-      ptx::wgmma_commit();
+      issue_main(fresh, d, chunk);
+      issue_corrections(corr, d, chunk, kb > 0);
       ptx::fence_regs(fresh);
       ptx::wgmma_wait<1>();
       ptx::fence_regs(fresh);

@@ -70,15 +70,26 @@ __device__ __forceinline__ void warp_reduce(uint32_t& mx, uint32_t& mn) {
   }
 }
 
+// The rows and K range of a statistics block: 32 rows x kStatsChunk of batch b.
+struct StatsSpan {
+  int64_t b, r0, k_begin, k_end;
+  const float* x;
+  bool rows_fast;  // row stride 1 (B's columns): lanes along rows
+};
+__device__ __forceinline__ StatsSpan stats_span(const SplitParams& p, int64_t batch_offset) {
+  const int64_t b = batch_offset + blockIdx.z;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
+  return {b, static_cast<int64_t>(blockIdx.x) * kSplitRows, k_begin, min(p.k, k_begin + kStatsChunk),
+          p.x + b * p.stride_b, p.stride_r == 1 && p.stride_k != 1};
+}
+
 // Pass 1: 32 rows x kStatsChunk per block. K-contiguous (or any non-row-fast) rows: a warp reads
 // 4 rows along K; row-fast rows (B's columns): lane = row, the 8 warps split the chunk's K.
 __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t batch_offset) {
-  const int64_t b = batch_offset + blockIdx.z;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
-  const int64_t k_end = min(p.k, k_begin + kStatsChunk);
-  const float* x = p.x + b * p.stride_b;
-  const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
+  const StatsSpan span = stats_span(p, batch_offset);
+  const int64_t b = span.b, r0 = span.r0, k_begin = span.k_begin, k_end = span.k_end;
+  const float* x = span.x;
+  const bool rows_fast = span.rows_fast;
   const int lane = threadIdx.x;
   if (!rows_fast) {
 #pragma unroll
@@ -134,12 +145,10 @@ constexpr int kChunkBlocks = kStatsChunk / kScaleBlock;
 static_assert(kStatsChunk % kScaleBlock == 0 && kScaleBlock == 64, "whole blocks per stats chunk");
 
 __global__ void __launch_bounds__(256) split_block_stats_kernel(SplitParams p, int64_t batch_offset) {
-  const int64_t b = batch_offset + blockIdx.z;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * kStatsChunk;
-  const int64_t k_end = min(p.k, k_begin + kStatsChunk);
-  const float* x = p.x + b * p.stride_b;
-  const bool rows_fast = p.stride_r == 1 && p.stride_k != 1;
+  const StatsSpan span = stats_span(p, batch_offset);
+  const int64_t b = span.b, r0 = span.r0, k_begin = span.k_begin, k_end = span.k_end;
+  const float* x = span.x;
+  const bool rows_fast = span.rows_fast;
   const int lane = threadIdx.x;
   if (!rows_fast) {  // a warp per row, lanes along K: block j is loads 2j and 2j + 1
 #pragma unroll 1
