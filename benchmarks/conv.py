@@ -135,6 +135,29 @@ def accuracy(layer, method, batch, scale, device, seed, samples):
     return {"forward": rel(y, y64), "input grad": rel(gx, gx64), "weight grad": rel(gw, gw64)}
 
 
+def kernel_breakdown(layer, args, device, top=8):
+    """Each pass of torch_hpc's implicit-GEMM route under torch.profiler: its kernels' device
+    time (one call after warm-up), largest first."""
+    import torch.profiler as tp
+    out = {}
+    for passname in PASSES:
+        x, w, kw = prepare(layer, "implicit", args.batch, args.scale, device, args.seed, args.channels_last)
+        fn = pass_fn("implicit", passname, x, w, kw)
+        time_torch(fn, [()], device, 2)
+        with tp.profile(activities=[tp.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total
+        out[passname] = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+        print(f"  {layer[0]}, {passname}: {sum(kernels.values()):.0f} us in {len(kernels)} kernels")
+        for name, us in out[passname]:
+            print(f"    {us:8.1f} us  {name[:110]}")
+    return out
+
+
 def bench_layer(layer, args, device):
     row = {"layer": layer[0], "count": layer[6]}
     methods = [m for m in args.methods if device == "cuda" or m in ("fp32", "torch_hpc")]
@@ -327,6 +350,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--profile", action="store_true",
+                   help="print each pass's kernels (torch.profiler) for the implicit-GEMM route, per layer")
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda":
@@ -342,6 +367,8 @@ def main(argv=None):
         for i, layer in enumerate(layers):
             print(f"[{i + 1}/{len(layers)}] {layer[0]} ...", file=sys.stderr, flush=True)
             rows.append(bench_layer(layer, args, device))
+            if args.profile and device == "cuda":
+                rows[-1]["implicit_kernels"] = kernel_breakdown(layer, args, device)
             if device == "cuda":
                 torch.cuda.empty_cache()
         summary = {}

@@ -8,7 +8,9 @@
 --grid sweeps squares 128..16384, skinny products, small K, batched attention products (QK^T and
 PV), broadcasting matmul and the Linear layers of common models. Batched points run
 torch.matmul against torch_hpc.matmul; "torch_hpc_emulated" is torch_hpc with the SGEMM
-fallback off (the tensor-core path alone), which shows where the fallback rule should switch.
+fallback off (the tensor-core path alone), which shows where the fallback rule should switch;
+"torch_hpc_blocks" is that with torch_hpc.backends.gemm.block_exponents on. --a-range 40 gives A
+rows spanning 2^40 (one fp16 window per row cannot hold them: the exact path, or block exponents).
 
 TFLOP/s counts 2*M*N*K fp32-equivalent flops. Each point times its methods in 5 interleaved
 rounds after warm-up, --reps calls per method in all, inputs rotated so the L2 cache does not
@@ -33,12 +35,13 @@ import torch
 import torch_hpc
 
 METHODS = ["fp32", "tf32", "fp16_1pass", "naive_3xfp16", "torch_hpc", "torch_hpc_emulated",
-           "jax_bf16_x3", "jax_bf16_x6"]
-DEFAULT_METHODS = [m for m in METHODS if m != "torch_hpc_emulated"]
+           "torch_hpc_blocks", "jax_bf16_x3", "jax_bf16_x6"]
+DEFAULT_METHODS = [m for m in METHODS if m not in ("torch_hpc_emulated", "torch_hpc_blocks")]
 LABELS = {
     "fp32": "torch fp32 (TF32 off)", "tf32": "torch TF32", "fp16_1pass": "fp16 1-pass",
     "naive_3xfp16": "naive 3xfp16 (3 torch.mm)", "torch_hpc": "torch_hpc",
     "torch_hpc_emulated": "torch_hpc, no SGEMM fallback",
+    "torch_hpc_blocks": "torch_hpc, block exponents",
     "jax_bf16_x3": "JAX BF16_BF16_F32_X3", "jax_bf16_x6": "JAX BF16_BF16_F32_X6",
 }
 TWO_D_ONLY = {"fp16_1pass", "naive_3xfp16"}
@@ -59,6 +62,11 @@ def emulated_only(a, b):
         return torch_hpc.matmul(a, b)
 
 
+def with_block_exponents(a, b):
+    with torch_hpc.backends.gemm.flags(sgemm_fallback=False, block_exponents=True):
+        return torch_hpc.matmul(a, b)
+
+
 def torch_method(name, device):
     if name == "fp32":
         return torch.matmul, None
@@ -72,6 +80,8 @@ def torch_method(name, device):
         return torch_hpc.matmul, None
     if name == "torch_hpc_emulated":
         return emulated_only, None
+    if name == "torch_hpc_blocks":
+        return with_block_exponents, None
     raise KeyError(name)
 
 
@@ -166,18 +176,28 @@ def grid_points():
     return pts
 
 
-def input_sets(pt, device, l2_bytes, seed):
+def wide_rows(shape, bits, gen, device):
+    """N(0,1) values, each run of 64 along a row scaled by 2^u, u uniform in [-bits/2, bits/2]:
+    rows that no single fp16 window holds once bits > 28 (a cross-entropy gradient's rows)."""
+    x = torch.randn(shape, device=device, generator=gen)
+    blocks = (shape[-1] + 63) // 64
+    u = (torch.rand((*shape[:-1], blocks), device=device, generator=gen) - 0.5) * bits
+    return x * torch.exp2(u.round()).repeat_interleave(64, dim=-1)[..., :shape[-1]]
+
+
+def input_sets(pt, device, l2_bytes, seed, a_range=0):
     per_set = 4 * (math.prod(pt["a"]) + math.prod(pt["b"]))
     count = max(2, min(8, math.ceil(3 * l2_bytes / per_set)))
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [(torch.randn(pt["a"], device=device, generator=gen), torch.randn(pt["b"], device=device, generator=gen))
-            for _ in range(count)]
+    make_a = (lambda: wide_rows(pt["a"], a_range, gen, device)) if a_range else \
+        (lambda: torch.randn(pt["a"], device=device, generator=gen))
+    return [(make_a(), torch.randn(pt["b"], device=device, generator=gen)) for _ in range(count)]
 
 
-def bench_point(pt, device, methods, jax_fns, reps, warmup, l2_bytes, seed, rounds=5):
+def bench_point(pt, device, methods, jax_fns, reps, warmup, l2_bytes, seed, rounds=5, a_range=0):
     """One point, every method timed in `rounds` interleaved rounds (clock and thermal drift hit
     all alike); each method's time is the median of its samples."""
-    sets = input_sets(pt, device, l2_bytes, seed)
+    sets = input_sets(pt, device, l2_bytes, seed, a_range)
     a0, b0 = sets[0]
     ref = torch.matmul(a0.double(), b0.double())
     flops = 2.0 * pt["batch"] * pt["m"] * pt["n"] * pt["k"]
@@ -236,7 +256,7 @@ def print_table(rows, methods, out=sys.stdout):
             v = r.get(m)
             cells.append(f"{v['tflops']:8.3g} TF/s  err {v['error']:.1e}" if v else f"{'-':>28}")
         print(f"{r['label']:>{width}} | " + " | ".join(f"{c:>28}" for c in cells), file=out)
-    for method in ("torch_hpc", "torch_hpc_emulated"):
+    for method in ("torch_hpc", "torch_hpc_emulated", "torch_hpc_blocks"):
         both = [r for r in rows if "fp32" in r and method in r]
         if not both:
             continue
@@ -311,6 +331,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                    help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--a-range", type=int, default=0, metavar="BITS",
+                   help="A's rows span 2^BITS (each 64 values scaled by 2^u, |u| <= BITS/2; 0: N(0,1))")
     args = p.parse_args(argv)
 
     device = args.device
@@ -326,12 +348,14 @@ def main(argv=None):
         card, l2 = platform.processor() or platform.machine(), 32 * 2**20
     jax_fns = jax_methods() if device == "cuda" and any(m.startswith("jax") for m in args.methods) else {}
     print(f"# GEMM benchmark on {card} ({device}), torch {torch.__version__}, "
-          f"{datetime.date.today()}, {reps} timed runs per point", flush=True)
+          f"{datetime.date.today()}, {reps} timed runs per point"
+          f"{f', rows of A spanning 2^{args.a_range}' if args.a_range else ''}", flush=True)
 
     rows = []
     for i, pt in enumerate(points):
         print(f"[{i + 1}/{len(points)}] {pt['label']} ...", file=sys.stderr, flush=True)
-        rows.append(bench_point(pt, device, args.methods, jax_fns, reps, args.warmup, l2, args.seed + i))
+        rows.append(bench_point(pt, device, args.methods, jax_fns, reps, args.warmup, l2, args.seed + i,
+                                a_range=args.a_range))
         if device == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, args.methods)

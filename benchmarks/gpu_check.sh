@@ -7,7 +7,9 @@
 #   conv = convolution tests and benchmarks/conv.py (CONV_ARGS; layers by index, e.g. --layers 2 3);
 #   smoke = one product and one implicit-GEMM convolution with its gradients under a short
 #   timeout, stopping the call if they fail (a new kernel's first run); ncu = Nsight Compute on one
-#   8192^3 torch_hpc.mm (split and GEMM kernels: speed of light, pipes, stalls; NCU_SHAPE=MxNxK).
+#   8192^3 torch_hpc.mm (split and GEMM kernels: speed of light, pipes, stalls; NCU_SHAPE=MxNxK);
+#   ncu-conv = the same on the implicit-GEMM kernel's forward and both gradients of one ResNet-50
+#   layer, channels_last, batch 64 (NCU_LAYER=index into benchmarks/conv.py's RESNET50, default 2).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
@@ -100,4 +102,23 @@ for _ in range(4):
 torch.cuda.synchronize()
 " > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
   grep -E '^  [a-z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occupancy' "$OUT/ncu.txt" | head -60
+fi
+
+if [[ " $PARTS " == *" ncu-conv "* ]]; then
+  # the second forward + backward's three conv_sm90 launches (the backward runs on autograd's
+  # thread, so no NVTX range: launches are counted)
+  timeout 400 ncu --clock-control none --kernel-name regex:conv_sm90 --launch-skip 3 --launch-count 3 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    $PY -c "
+import sys, torch, torch_hpc
+sys.path.insert(0, 'benchmarks')
+from conv import RESNET50, prepare, implicit_conv2d
+x, w, kw = prepare(RESNET50[${NCU_LAYER:-2}], 'implicit', 64, 1, 'cuda', 0, channels_last=True)
+for i in range(2):
+    y = implicit_conv2d(x, w, None, **kw)
+    torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    torch.cuda.synchronize()
+" > "$OUT/ncu-conv.txt" 2>&1; echo "ncu-conv exit $?"
+  grep -E '^  [a-zA-Z_0-9:<>]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occupancy' "$OUT/ncu-conv.txt" | head -90
 fi
