@@ -399,7 +399,7 @@ def test_cuda_implicit_gemm_conv2d_against_fp64(case):
     got = torch.ops.torch_hpc.conv2d_implicit(x, w, [stride] * 2, [padding] * 2, [dilation] * 2)
     assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(got).all()
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         cudnn = F.conv2d(x, w, None, **kw)
     rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert rel(got) <= 2 * max(rel(cudnn), 1e-7), (rel(got), rel(cudnn))  # fp32 rounding level
@@ -517,7 +517,7 @@ def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, lay
     _poisoned_allocator(*x.shape)
     gx, gw, gb = torch.autograd.grad(out, (x, w, b), grad)
     assert _graph_has(out.grad_fn, "ImplicitConv2d")
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         cudnn = F.conv2d(x, w, b, **kw)
         cudnn_grads = torch.autograd.grad(cudnn, (x, w, b), grad)
     assert out.stride() == cudnn.stride() and gx.stride() == x.stride() and gw.shape == w.shape
@@ -529,6 +529,25 @@ def test_cuda_implicit_gemm_route_values_gradients_and_layout(channels_last, lay
                                      (out, gx, gw, gb), (cudnn, *cudnn_grads), refs):
         # at most twice cuDNN fp32's error: both sit at fp32's rounding level here (~1e-7)
         assert rel(got, want) <= 2 * max(rel(base, want), 1e-7), (name, rel(got, want), rel(base, want))
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_route_computes_only_the_gradients_asked_for(monkeypatch):
+    """autograd.grad(y, x) runs the input gradient's convolutions alone, as cuDNN's backward
+    does (not the weight gradient merely because the weight requires grad); backward() both."""
+    calls = []
+    for name in ("_input_grad_by_convs", "_weight_grad_by_conv"):
+        real = getattr(torch_hpc.conv, name)
+        monkeypatch.setattr(torch_hpc.conv, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator(device="cuda").manual_seed(13)
+    leaf = torch.randn(2, 64, 10, 10, device="cuda", generator=g, requires_grad=True)
+    w = torch.randn(64, 64, 3, 3, device="cuda", generator=g, requires_grad=True)
+    with torch_hpc.backends.conv.flags(implicit_gemm=True):
+        out = torch_hpc.conv2d(leaf * 1, w, None, 1, 1)
+    torch.autograd.grad(out.sum(), leaf, retain_graph=True)
+    assert calls == ["_input_grad_by_convs"]
+    out.sum().backward()
+    assert calls[1:] == ["_input_grad_by_convs", "_weight_grad_by_conv"] and w.grad is not None
 
 
 @requires_sm90
@@ -547,7 +566,7 @@ def test_cuda_implicit_gemm_conv1d_runs_as_height_one():
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     ref = F.conv1d(x64, w64, None, **kw)
     refs = (ref, *torch.autograd.grad(ref, (x64, w64), grad.double()))
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         base = F.conv1d(x, w, None, **kw)
         bases = (base, *torch.autograd.grad(base, (x, w), grad))
     rel = lambda t, want: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
@@ -562,3 +581,18 @@ def test_cuda_implicit_gemm_op_passes_opcheck():
     w = torch.randn(64, 64, 3, 3, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.torch_hpc.conv2d_implicit, (x, w, [2, 1], [1, 0], [1, 2]),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_sm90
+def test_cuda_images_as_channels_is_the_padded_transpose():
+    """The weight gradient's layout op: (N, C, H, W) -> (C, N padded, H, W), channels_last, zeros
+    past N, bit-exact; wrong layouts are refused by name."""
+    x = torch.randn(5, 96, 7, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+    got = torch.ops.torch_hpc.images_as_channels(x, 64)
+    want = torch.zeros(96, 64, 7, 9, device="cuda")
+    want[:, :5] = x.transpose(0, 1)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+    torch.library.opcheck(torch.ops.torch_hpc.images_as_channels, (x, 64),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="channels_last"):
+        torch.ops.torch_hpc.images_as_channels(x.contiguous(), 64)

@@ -206,7 +206,7 @@ class _ImplicitConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
-        want_x, want_w = ctx.needs_input_grad[:2]
+        want_x, want_w = _wanted_grads(ctx)[:2]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
             grad_x, grad_w = _differentiable_grads(x, weight, grad, stride, padding, dilation, 1, want_x, want_w)
             return grad_x, grad_w, None, None, None
@@ -296,16 +296,13 @@ def _weight_grad_by_conv(x, grad, kernel, stride, padding, dilation, conv, chann
     input's channels as images and its batch as channels (zero-padded to channel_multiple),
     grad^T likewise the weight. conv as in _input_grad_by_convs; the result is a view of its
     output."""
-    cl = torch.channels_last
-    batch = x.shape[0]
-    padded = -(-batch // channel_multiple) * channel_multiple
-
     def images_as_channels(t):
-        out = torch.empty((t.shape[1], padded, *t.shape[2:]), dtype=t.dtype, device=t.device,
-                          memory_format=cl)
-        out[:, :batch].copy_(t.transpose(0, 1))
-        if padded > batch:
-            out[:, batch:].zero_()
+        t = t.contiguous(memory_format=torch.channels_last)
+        if t.is_cuda:
+            return torch.ops.torch_hpc.images_as_channels(t, channel_multiple)
+        padded = -(-t.shape[0] // channel_multiple) * channel_multiple
+        out = t.new_zeros((t.shape[1], padded, *t.shape[2:])).contiguous(memory_format=torch.channels_last)
+        out[:, :t.shape[0]].copy_(t.transpose(0, 1))
         return out
 
     y = conv(images_as_channels(x), images_as_channels(grad), list(dilation), list(padding), list(stride))

@@ -171,3 +171,9 @@ def _conv2d_implicit_fake(input, weight, stride, padding, dilation):
     oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return input.new_empty((n, k, oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("torch_hpc::images_as_channels")
+def _images_as_channels_fake(x, multiple):
+    n, c, h, w = x.shape
+    return x.new_empty((c, -(-n // multiple) * multiple, h, w)).contiguous(memory_format=torch.channels_last)

@@ -186,6 +186,9 @@ TORCH_LIBRARY(torch_hpc, m) {
   // of 64 (torch_hpc/conv.py's implicit-GEMM route)
   m.def("conv2d_implicit(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
         "int[2] dilation) -> Tensor");
+  // CUDA only: x (N, C, H, W) channels_last as (C, N rounded up to `multiple`, H, W) channels_last,
+  // zeros past N (the same route's weight gradient)
+  m.def("images_as_channels(Tensor x, int multiple) -> Tensor");
   // [outputs the exact path recomputed, outputs computed] on like's device since the last reset
   // (torch_hpc.exact_path_stats)
   m.def("exact_path_counts(Tensor like, bool reset=False) -> int[]");

@@ -12,7 +12,8 @@
 // rows of one image in a convolution) applied at the end; the block's partial products are
 // multiplied by its factor 2^(e_b - e) when the kernel promotes them into the fp32 accumulator.
 // A row falls back when one of its blocks does, or when a nonzero block lies more than
-// `max_shift` binades below the base (its factor would leave fp32's normal range).
+// `max_shift` binades below the base (its factor would leave fp32's normal range). Absolute
+// block mode (below) drops the base: each factor is the block's own power of two.
 #pragma once
 
 #include <cstdint>
@@ -160,6 +161,20 @@ TORCH_HPC_HD float block_factor(RowScale block, int base_exponent, int max_shift
   const int shift = block.exponent - base_exponent;
   if (shift > 0 || shift < -max_shift) return 0.0f;
   return bits_float(static_cast<uint32_t>(127 + shift) << 23);
+}
+
+// Absolute block mode (the convolution's input, split in one pass): each block's factor is
+// 2^e_b itself, with no base (row exponents 0). Blocks whose exponent leaves
+// [kMinAbsoluteExponent, kMaxAbsoluteExponent] fall back, so that times a weight factor (at least
+// 2^-(kMaxBlockShift / 2)) the product of two factors is still an exact fp32 power of two, and a
+// sum of 64 k-blocks of 64 scaled products (each below 2^30 2^e_b) cannot overflow fp32.
+constexpr int kMinAbsoluteExponent = -149 + kMaxBlockShift / 2;
+constexpr int kMaxAbsoluteExponent = 80;
+
+TORCH_HPC_HD float absolute_block_factor(RowScale block) {
+  if (block.fallback || block.exponent < kMinAbsoluteExponent || block.exponent > kMaxAbsoluteExponent)
+    return 0.0f;
+  return bits_float(static_cast<uint32_t>(127 + block.exponent) << 23);
 }
 
 // The base exponent of a row (or group of rows) in block mode from the largest finite |x| among

@@ -4,8 +4,8 @@
 // into the padding), and B = the weight's planes by TMA. Each k-block is 64 channels of one
 // filter tap, so every row of an A tile is 128 contiguous bytes of one input pixel. Both
 // operands are split in block mode: a gatherer writes its row's factor (its pixel's, for the
-// k-block's 64 channels) beside the rows, TMA brings the weight rows' factors; the row
-// exponents are the images' bases, so the epilogue is the GEMM's. Layers with fewer tiles than
+// k-block's 64 channels) beside the rows, TMA brings the weight rows' factors; the input's
+// factors are absolute (row exponents 0), so the epilogue is the GEMM's. Layers with fewer tiles than
 // SMs split K (gemm.batch slices of k_slice k-blocks, partial outputs summed by the host).
 // Torch-free: see kernels.h.
 #include "sm90_pipeline.cuh"

@@ -314,7 +314,7 @@ int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
 
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
 // channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
-// (conv_sm90.cu): the input split per pixel and 64 channels with a base per image, the weight
+// (conv_sm90.cu): the input split per pixel and 64 channels (absolute factors), the weight
 // per output channel and 64 of (r, s, c), the patches gathered by the kernel; outputs that read
 // a pixel or weight row the split flags are recomputed exactly (conv_exact.cu).
 at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
@@ -347,19 +347,16 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   at::Tensor y = at::empty({n, k, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // block mode on both operands, so each keeps half of the shift a factor may take
+  // x in absolute block mode (one pass, no base: row exponents 0), the weight with a base per
+  // output channel and its blocks at most half of kMaxBlockShift below it (../split.h)
   const int64_t pixels_in = h * wd, w_k = r * s * c;
-  const SplitMode x_mode{true, pixels_in, kMaxBlockShift / 2}, w_mode{true, 1, kMaxBlockShift / 2};
+  const SplitMode x_mode{true, 0, 0}, w_mode{true, 1, kMaxBlockShift / 2};
   const Planes px = split_cuda(x, 1, n * pixels_in, c, 0, c, 1, stream, x_mode);
   const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream, w_mode);
   const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
   const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
   const int64_t slices = k_slices(m_pad / kTileRows * (pw.rows_pad / kTileRows), pw.k_pad / kTileK, sms);
-  // an output pixel's exponent is its image's base (every pixel row of x holds it)
-  at::Tensor row_exponent = at::zeros({slices, m_pad}, x.options().dtype(at::kInt));
-  row_exponent.narrow(1, 0, m).view({slices, n, oh * ow}).copy_(
-      px.exponent[0].narrow(0, 0, n * pixels_in).view({n, pixels_in}).narrow(1, 0, 1).unsqueeze(0)
-          .expand({slices, n, oh * ow}));
+  const at::Tensor row_exponent = at::zeros({slices, m_pad}, x.options().dtype(at::kInt));
   const at::Tensor col_exponent = slices > 1 ? pw.exponent.reshape(-1).repeat(slices) : pw.exponent;
   // channels_last y is [m, k] row-major; split K sums its slices' partial outputs into it
   const at::Tensor partial = slices > 1 ? at::empty({slices, m, k}, x.options()) : at::Tensor();
@@ -438,6 +435,23 @@ std::vector<int64_t> exact_path_counts_cuda(const at::Tensor& like, bool reset) 
   return {exact, total};
 }
 
+// torch_hpc::images_as_channels: x (N, C, H, W) channels_last as (C, N padded to `multiple`, H, W)
+// channels_last, zeros past N: the implicit-GEMM route's weight gradient (torch_hpc/conv.py).
+at::Tensor images_as_channels_cuda(const at::Tensor& x, int64_t multiple) {
+  constexpr const char* name = "torch_hpc.images_as_channels";
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_cuda() &&
+                        x.is_contiguous(at::MemoryFormat::ChannelsLast) && multiple > 0,
+                    name, ": expected a 4-D torch.float32 CUDA tensor in channels_last and multiple > 0, got ",
+                    x.sizes(), " ", dtype_name(x.scalar_type()), " on ", x.device(), ", multiple ", multiple);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t n_pad = round_up(n, multiple);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({c, n_pad, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  C10_CUDA_CHECK(cuda::launch_images_as_channels(x.data_ptr<float>(), out.data_ptr<float>(), n, n_pad, h * w, c,
+                                                 at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 const bool sgemm_rule_registered = (register_cuda_sgemm_rule(&prefer_sgemm), true);
 
 }  // namespace
@@ -451,6 +465,7 @@ TORCH_LIBRARY_IMPL(torch_hpc, CUDA, m) {
   m.impl("split_planes", &split_planes_cuda);
   m.impl("mm_planes", &mm_planes_cuda);
   m.impl("conv2d_implicit", &conv2d_implicit_cuda);
+  m.impl("images_as_channels", &images_as_channels_cuda);
   m.impl("exact_path_counts", &exact_path_counts_cuda);
 }
 

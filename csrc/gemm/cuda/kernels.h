@@ -1,5 +1,5 @@
 // Torch-free interface of the CUDA stages (split.cu, gemm_sm80.cu, gemm_sm90.cu, exact.cu,
-// dispatch.cu, conv_sm90.cu, conv_exact.cu), so that they compile and can be disassembled with nvcc alone.
+// dispatch.cu, conv_sm90.cu, conv_exact.cu, conv_layout.cu), so that they compile and can be disassembled with nvcc alone.
 #pragma once
 
 #include <cstdint>
@@ -29,7 +29,8 @@ struct SplitParams {
   uint32_t* row_min;
   int64_t rows_pad, k_pad;
   float* scale;       // block mode: the blocks' factors; null: one exponent per row
-  int64_t base_rows;  // block mode: rows per base exponent (1: each row its own)
+  int64_t base_rows;  // block mode: rows per base exponent (1: each row its own; 0: absolute
+                      // factors, no base, one pass: x contiguous [rows, k], k a multiple of 64)
   int max_shift;      // block mode: largest base - block exponent kept (kMaxBlockShift or less)
   // block mode with base_rows 1: a row that fits one exponent takes its row's for every block
   // (factors 1), and block_tiles [batch, rows_pad / 128] is set to 1 for every 128-row tile that
@@ -67,9 +68,9 @@ struct GemmParams {
 //   y[m, k] = sum over (r, s, c) of x[image, ih, iw, c] w[k, r, s, c]
 // for output pixels m = (image, oh, ow), ih = oh stride_h - pad_h + r dilation_h (iw alike), x
 // and w read from their split planes, both in block mode: x's rows are pixels (image, h, w) with
-// k = channels and one base exponent per image; w's rows output channels (k = kernel_h kernel_w
+// k = channels and absolute factors (no base); w's rows output channels (k = kernel_h kernel_w
 // channels), one base per row. `gemm` carries the product's shape and output: a_exponent per
-// output pixel (its image's base), b_* the weight's planes, exponents and fallback flags, c = y
+// output pixel (0), b_* the weight's planes, exponents and fallback flags, c = y
 // [m, cout] (channels_last). batch > 1 splits K: slice b sums k-blocks b ceil(kb / batch) .. of
 // every output into c + b c_stride_b (exponents replicated per slice, a_exponent [batch, m_pad],
 // b_exponent [batch, n_pad]); no slice may be empty.
@@ -106,6 +107,9 @@ cudaError_t launch_gemm_sm90(const GemmParams& p, int sm_count, cudaStream_t str
 cudaError_t launch_exact(const GemmParams& p, int sm_count, cudaStream_t stream);     // exact.cu
 cudaError_t launch_conv_sm90(const ConvParams& p, int sm_count, cudaStream_t stream); // conv_sm90.cu
 cudaError_t launch_conv_exact(const ConvParams& p, int sm_count, cudaStream_t stream); // conv_exact.cu
+// x [n][pixels][c] -> out [c][pixels][n_pad], zeros for n >= n (the weight gradient's operands)
+cudaError_t launch_images_as_channels(const float* x, float* out, int64_t n, int64_t n_pad,  // conv_layout.cu
+                                      int64_t pixels, int64_t c, cudaStream_t stream);
 
 // Grid y/z limit: batches beyond it are launched in slices.
 constexpr int64_t kMaxGridYZ = 65535;

@@ -382,6 +382,48 @@ __global__ void __launch_bounds__(kResidentThreads) split_resident_kernel(SplitP
   }
 }
 
+// Absolute block mode (base_rows 0), x contiguous [rows, k] with k a multiple of 64: the 64-value
+// blocks are consecutive chunks of x, each split on its own (split.h, absolute_block_factor), so
+// one pass reads x once. A warp takes kChunksPerWarp chunks, a lane two values of each.
+constexpr int kChunksPerWarp = 4;
+
+__global__ void __launch_bounds__(256) split_chunks_kernel(SplitParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t blocks_per_row = p.k / kScaleBlock, chunks = p.rows * blocks_per_row;
+  const float2* x = reinterpret_cast<const float2*>(p.x);
+  float2 v[kChunksPerWarp];
+#pragma unroll
+  for (int j = 0; j < kChunksPerWarp; ++j) {
+    const int64_t chunk = warp * kChunksPerWarp + j;
+    v[j] = chunk < chunks ? __ldg(x + chunk * (kScaleBlock / 2) + lane) : make_float2(0.0f, 0.0f);
+  }
+#pragma unroll
+  for (int j = 0; j < kChunksPerWarp; ++j) {
+    const int64_t chunk = warp * kChunksPerWarp + j;
+    if (chunk >= chunks) break;  // uniform over the warp
+    RowStats stats;
+    stats.add(v[j].x);
+    stats.add(v[j].y);
+    uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
+    warp_reduce(mx, mn);
+    RowScale s = row_scale(mx, mn);
+    const float factor = absolute_block_factor(s);
+    if (factor == 0.0f && mx != 0) s.fallback = true;
+    uint16_t hi0, lo0, hi1, lo1;
+    split_value(v[j].x, s, hi0, lo0);
+    split_value(v[j].y, s, hi1, lo1);
+    const int64_t out = chunk * (kScaleBlock / 2) + lane;  // k_pad == k: planes are x's layout
+    reinterpret_cast<uint32_t*>(p.hi)[out] = uint32_t(hi0) | (uint32_t(hi1) << 16);
+    reinterpret_cast<uint32_t*>(p.lo)[out] = uint32_t(lo0) | (uint32_t(lo1) << 16);
+    if (lane == 0) {
+      const int64_t row = chunk / blocks_per_row, kb = chunk - row * blocks_per_row;
+      p.scale[kb * p.rows_pad + row] = factor;
+      if (s.fallback) p.fallback[row] = 1;
+    }
+  }
+}
+
 }  // namespace
 
 // Rows per block of the one-pass route (a divisor of kTileRows), 0 where it does not apply.
@@ -390,12 +432,25 @@ static int resident_rows(const SplitParams& p) {
   if (p.scale != nullptr && p.base_rows != 1) return 0;  // a group's base needs every row first
   const int64_t row_bytes = p.k_pad * int64_t(sizeof(float));
   if (row_bytes > kResidentBytes) return 0;
-  int rows = 1;
-  while (rows * 2 * row_bytes <= kResidentBytes && rows * 2 <= 8) rows *= 2;
+  int rows = 1;  // more rows per block only while the grid keeps at least 512 blocks (small weights: one each)
+  while (rows * 2 * row_bytes <= kResidentBytes && rows * 2 <= 8 && p.batch * p.rows_pad / (rows * 2) >= 512)
+    rows *= 2;
   return rows;
 }
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
+  if (p.scale != nullptr && p.base_rows == 0) {  // absolute block mode
+    if (p.batch != 1 || p.k % kScaleBlock != 0 || p.k_pad != p.k || p.stride_k != 1 || p.stride_r != p.k)
+      return cudaErrorInvalidValue;
+    const size_t rows_bytes = size_t(p.rows_pad) * sizeof(int32_t);
+    cudaError_t err = cudaMemsetAsync(p.fallback, 0, rows_bytes, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(p.exponent, 0, rows_bytes, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t warps = (p.rows * (p.k / kScaleBlock) + kChunksPerWarp - 1) / kChunksPerWarp;
+    if (warps == 0) return cudaSuccess;
+    split_chunks_kernel<<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   if (p.block_tiles != nullptr) {
     cudaError_t err = cudaMemsetAsync(p.block_tiles, 0, size_t(p.batch * (p.rows_pad / kTileRows)) * sizeof(int32_t),
                                       stream);
