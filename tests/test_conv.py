@@ -551,6 +551,34 @@ def test_cuda_implicit_gemm_route_computes_only_the_gradients_asked_for(monkeypa
 
 
 @requires_sm90
+@pytest.mark.parametrize("passes", [(True, False, True), (False, True, False), (False, False, False)])
+def test_cuda_implicit_gemm_auto_sends_each_pass_where_the_table_says(monkeypatch, passes):
+    """implicit_gemm="auto": the passes the measured table gives the kernel run on it, the others
+    on cuDNN fp32; values, gradients and layouts as cuDNN's either way; no pass: cuDNN's own node."""
+    monkeypatch.setattr(torch_hpc.conv, "_measured_wins", lambda cin, cout, taps: passes)
+    calls = []
+    for name in ("_implicit_op", "_input_grad_by_convs", "_weight_grad_by_conv"):
+        real = getattr(torch_hpc.conv, name)
+        monkeypatch.setattr(torch_hpc.conv, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator(device="cuda").manual_seed(14)
+    x = torch.randn(3, 64, 9, 9, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 64, 3, 3, device="cuda", generator=g) / 24
+    x.requires_grad_(), w.requires_grad_()
+    with torch_hpc.backends.conv.flags(implicit_gemm="auto"):
+        out = torch_hpc.conv2d(x, w, None, 1, 1)
+    gx, gw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert _graph_has(out.grad_fn, "ImplicitConv2d") == any(passes)
+    assert ("_implicit_op" in calls[:1]) == passes[0]
+    assert ("_input_grad_by_convs" in calls) == passes[1] and ("_weight_grad_by_conv" in calls) == passes[2]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ref = F.conv2d(x, w, None, 1, 1)
+        ref_gx, ref_gw = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+    assert out.stride() == ref.stride() and gx.stride() == ref_gx.stride()
+    for got, want in ((out, ref), (gx, ref_gx), (gw, ref_gw)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@requires_sm90
 def test_cuda_implicit_gemm_conv1d_runs_as_height_one():
     """F.conv1d under the route: the 2-D kernel with height 1, values and both gradients within
     twice cuDNN fp32's error, torch's output layout."""

@@ -3,7 +3,7 @@
     torch_hpc.backends.gemm.sgemm_fallback = False   # keep the emulation for small products
     torch_hpc.backends.gemm.kernel = "sm80"          # "auto" | "sm80" | "sm90"
     torch_hpc.backends.gemm.block_exponents = True   # A's rows: an exponent per 64 k where needed
-    torch_hpc.backends.conv.implicit_gemm = True     # the implicit-GEMM convolution kernel
+    torch_hpc.backends.conv.implicit_gemm = "auto"   # the implicit-GEMM kernel where it wins
 
 sgemm_fallback (default True): products too small to fill the GPU (fewer 128x128 output tiles
 than the kernel needs per SM) run on cuBLAS SGEMM with TF32 off, which is faster there and
@@ -74,25 +74,36 @@ gemm = _Gemm()
 
 
 class _Conv:
-    """implicit_gemm (default False): 2-D convolutions with channel counts that are multiples of
-    64 (groups 1) run torch_hpc's implicit-GEMM kernel (compute capability 9.0, sm_90a builds),
-    forward and both gradients. Off by default until it has been measured against cuDNN on a
-    GPU (docs/conv.md)."""
+    """implicit_gemm: where 2-D convolutions with channel counts that are multiples of 64 (groups
+    1) run torch_hpc's implicit-GEMM kernel (compute capability 9.0, sm_90a builds). False (the
+    default): never, cuDNN fp32 with TF32 off; "auto": each pass (forward, input gradient,
+    weight gradient) where the measured table in torch_hpc/conv.py says the kernel beats cuDNN
+    fp32, cuDNN's otherwise; True: every pass the kernel covers (measurements). docs/conv.md."""
 
-    implicit_gemm = False
+    _implicit_gemm: bool | str = False
+
+    @property
+    def implicit_gemm(self) -> bool | str:
+        return self._implicit_gemm
+
+    @implicit_gemm.setter
+    def implicit_gemm(self, value: bool | str) -> None:
+        if value not in (False, True, "auto") or isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"torch_hpc.backends.conv.implicit_gemm: expected False, True or 'auto', got {value!r}")
+        self._implicit_gemm = value
 
     @contextlib.contextmanager
-    def flags(self, implicit_gemm: bool | None = None):
+    def flags(self, implicit_gemm: bool | str | None = None):
         before = self.implicit_gemm
         try:
             if implicit_gemm is not None:
-                self.implicit_gemm = bool(implicit_gemm)
+                self.implicit_gemm = implicit_gemm
             yield
         finally:
             self.implicit_gemm = before
 
     def __repr__(self):
-        return f"torch_hpc.backends.conv(implicit_gemm={self.implicit_gemm})"
+        return f"torch_hpc.backends.conv(implicit_gemm={self.implicit_gemm!r})"
 
 
 conv = _Conv()

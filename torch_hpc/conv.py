@@ -164,11 +164,14 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
 
 
 def _implicit_gemm_takes(n, x, weight, pads, groups, traced) -> bool:
-    """torch_hpc.backends.conv.implicit_gemm on, and a layer its kernel covers: 2-D (or 1-D, as
-    height 1), groups 1, channel counts multiples of 64, symmetric padding, an sm90 device, eager."""
+    """torch_hpc.backends.conv.implicit_gemm set, a layer its kernel covers (2-D, or 1-D as height
+    1, groups 1, channel counts multiples of 64, symmetric padding, an sm90 device, eager), and at
+    least one pass it takes (_implicit_passes)."""
     if not backends.conv.implicit_gemm or traced or torch.compiler.is_compiling():
         return False
     if n not in (1, 2) or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
+        return False
+    if backends.conv.implicit_gemm == "auto" and not any(_implicit_passes(x.shape, weight.shape)):
         return False
     return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -183,21 +186,38 @@ def _sm90(index: int) -> bool:
 
 
 def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
-    out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation))
+    passes = _implicit_passes(x.shape, weight.shape)
+    out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation), passes)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     # channels_last if the input or the weight is, as cuDNN's convolution gives it
     return out if _channels_last(x, 2) or _channels_last(weight, 2) else out.contiguous()
 
 
+def _implicit_passes(x_shape, w_shape) -> tuple[bool, bool, bool]:
+    """Which of (forward, input gradient, weight gradient) run on the implicit-GEMM kernel; the
+    others run cuDNN fp32 (TF32 off). implicit_gemm=True: all three; "auto": the passes the
+    measurements (docs/conv.md) found faster than cuDNN fp32 for such a layer."""
+    if backends.conv.implicit_gemm is True:
+        return (True, True, True)
+    return _measured_wins(x_shape[1], w_shape[0], math.prod(w_shape[2:]))
+
+
+def _measured_wins(cin, cout, taps) -> tuple[bool, bool, bool]:
+    return (False, False, False)
+
+
 class _ImplicitConv2d(torch.autograd.Function):
     """The implicit-GEMM kernel's forward, and both gradients as forward convolutions on the same
-    kernel (_input_grad_by_convs, _weight_grad_by_conv)."""
+    kernel (_input_grad_by_convs, _weight_grad_by_conv); `passes` sends any of the three to cuDNN
+    fp32 instead (_implicit_passes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation):
+    def forward(ctx, x, weight, stride, padding, dilation, passes):
         ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, dilation)
+        ctx.conv = (stride, padding, dilation, passes)
+        if not passes[0]:
+            return torch.ops.torch_hpc.conv_fp32(x, weight, None, list(stride), list(padding), list(dilation), 1)
         cl = torch.channels_last
         return _implicit_op(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
                             list(stride), list(padding), list(dilation))
@@ -205,22 +225,29 @@ class _ImplicitConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
+        stride, padding, dilation, passes = ctx.conv
         want_x, want_w = _wanted_grads(ctx)[:2]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
             grad_x, grad_w = _differentiable_grads(x, weight, grad, stride, padding, dilation, 1, want_x, want_w)
-            return grad_x, grad_w, None, None, None
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = _input_grad_by_convs(grad, weight, x.shape[2:], stride, padding, dilation, _implicit_op) \
-            if want_x else None
-        grad_w = _weight_grad_by_conv(x, grad, weight.shape[2:], stride, padding, dilation, _implicit_op) \
-            if want_w else None
+            return grad_x, grad_w, None, None, None, None
+        by_cudnn = [want_x and not passes[1], want_w and not passes[2], False]
+        grad_x = grad_w = None
+        if any(by_cudnn):
+            grad_x, grad_w, _ = torch.ops.torch_hpc.conv_fp32_backward(
+                grad, x, weight, list(stride), list(padding), list(dilation), 1, by_cudnn)
+            grad_x, grad_w = (g if m else None for g, m in zip((grad_x, grad_w), by_cudnn))
+        if (want_x and passes[1]) or (want_w and passes[2]):
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        if want_x and passes[1]:
+            grad_x = _input_grad_by_convs(grad, weight, x.shape[2:], stride, padding, dilation, _implicit_op)
+        if want_w and passes[2]:
+            grad_w = _weight_grad_by_conv(x, grad, weight.shape[2:], stride, padding, dilation, _implicit_op)
         if grad_x is not None and not _channels_last(x, 2):  # in the input's memory format
             grad_x = grad_x.contiguous()
         if grad_w is not None:
             grad_w = grad_w.contiguous(memory_format=torch.channels_last if _channels_last(weight, 2)
                                        else torch.contiguous_format)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def _implicit_op(x, weight, stride, padding, dilation):
