@@ -91,7 +91,7 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=Fa
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
-        if _implicit_gemm_takes(n, x, weight, pads, groups, traced):
+        if _implicit_gemm_takes(n, x, weight, stride if n == 2 else (1, stride[0]), pads, groups, traced):
             if n == 1:  # the 2-D kernel with height 1
                 out = _implicit_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride[0]),
                                        (0, pads[0][0]), (1, dilation[0])).squeeze(2)
@@ -163,7 +163,7 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
     return ops.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
 
 
-def _implicit_gemm_takes(n, x, weight, pads, groups, traced) -> bool:
+def _implicit_gemm_takes(n, x, weight, stride, pads, groups, traced) -> bool:
     """torch_hpc.backends.conv.implicit_gemm set, a layer its kernel covers (2-D, or 1-D as height
     1, groups 1, channel counts multiples of 64, symmetric padding, an sm90 device, eager), and at
     least one pass it takes (_implicit_passes)."""
@@ -171,7 +171,7 @@ def _implicit_gemm_takes(n, x, weight, pads, groups, traced) -> bool:
         return False
     if n not in (1, 2) or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
         return False
-    if backends.conv.implicit_gemm == "auto" and not any(_implicit_passes(x.shape, weight.shape)):
+    if backends.conv.implicit_gemm == "auto" and not any(_implicit_passes(x.shape, weight.shape, stride)):
         return False
     return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -186,7 +186,7 @@ def _sm90(index: int) -> bool:
 
 
 def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
-    passes = _implicit_passes(x.shape, weight.shape)
+    passes = _implicit_passes(x.shape, weight.shape, stride)
     out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation), passes)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
@@ -194,17 +194,21 @@ def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
     return out if _channels_last(x, 2) or _channels_last(weight, 2) else out.contiguous()
 
 
-def _implicit_passes(x_shape, w_shape) -> tuple[bool, bool, bool]:
+def _implicit_passes(x_shape, w_shape, stride) -> tuple[bool, bool, bool]:
     """Which of (forward, input gradient, weight gradient) run on the implicit-GEMM kernel; the
     others run cuDNN fp32 (TF32 off). implicit_gemm=True: all three; "auto": the passes the
     measurements (docs/conv.md) found faster than cuDNN fp32 for such a layer."""
     if backends.conv.implicit_gemm is True:
         return (True, True, True)
-    return _measured_wins(x_shape[1], w_shape[0], math.prod(w_shape[2:]))
+    return _measured_wins(x_shape[1], w_shape[0], stride)
 
 
-def _measured_wins(cin, cout, taps) -> tuple[bool, bool, bool]:
-    return (False, False, False)
+def _measured_wins(cin, cout, stride) -> tuple[bool, bool, bool]:
+    """From benchmarks/conv.py on an H100 (2026-12-07, ResNet-50's layers, batch 64,
+    channels_last, benchmarks/README.md): the kernel's forward beat cuDNN fp32 on every strided
+    layer with 128 or more input channels (1.05-1.61x); no other pass won reliably (gradients
+    0.34-1.07x but for one layer cuDNN is slow on)."""
+    return (max(stride) >= 2 and cin >= 128, False, False)
 
 
 class _ImplicitConv2d(torch.autograd.Function):

@@ -76,8 +76,9 @@ def split(x: Tensor):
 def exact_path_stats(device=None, reset: bool = False) -> dict:
     """How much of torch_hpc's emulated work the exact path did on a device since the last
     reset: {"outputs": outputs the emulated products and convolutions computed, "exact_outputs":
-    those the exact fp64 path recomputed (rows or pixels whose range the split's fp16 window
-    cannot hold, inf/NaN), "fraction": their ratio}. Products that took torch's own call (the
+    those the exact fp64 path recomputed (rows whose range the split's fp16 window cannot hold,
+    inf/NaN; for the implicit-GEMM convolution, outputs that received an exact correction, once
+    per flagged 64-value block they read: an upper bound), "fraction": their ratio}. Products that took torch's own call (the
     SGEMM fallback) are not counted. device: "cpu" or a CUDA device (default: the current one);
     on CUDA the read waits for the device. reset=True zeroes the counts after reading them."""
     if device is None:

@@ -315,8 +315,8 @@ int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
 // channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
 // (conv_sm90.cu): the input split per pixel and 64 channels (absolute factors), the weight
-// per output channel and 64 of (r, s, c), the patches gathered by the kernel; outputs that read
-// a pixel or weight row the split flags are recomputed exactly (conv_exact.cu).
+// per output channel and 64 of (r, s, c), the patches gathered by the kernel; the products of
+// every 64-value block the split flags are added exactly afterwards (conv_exact.cu).
 at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
   constexpr const char* name = "torch_hpc.conv2d_implicit";
@@ -360,7 +360,6 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   const at::Tensor col_exponent = slices > 1 ? pw.exponent.reshape(-1).repeat(slices) : pw.exponent;
   // channels_last y is [m, k] row-major; split K sums its slices' partial outputs into it
   const at::Tensor partial = slices > 1 ? at::empty({slices, m, k}, x.options()) : at::Tensor();
-  const at::Tensor marks = at::empty({m}, x.options().dtype(at::kInt));
   const at::Tensor w_list = at::empty({k + 1}, x.options().dtype(at::kInt));  // list, then count
   cuda::ConvParams cp{};
   cuda::GemmParams& g = cp.gemm;
@@ -403,7 +402,6 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   cp.pad_w = static_cast<int>(padding[1]);
   cp.dilation_h = static_cast<int>(dilation[0]);
   cp.dilation_w = static_cast<int>(dilation[1]);
-  cp.marks = marks.data_ptr<int32_t>();
   cp.w_list = w_list.data_ptr<int32_t>();
   cp.w_count = cp.w_list + k;
   C10_CUDA_CHECK(cuda::launch_conv_sm90(cp, sms, stream));

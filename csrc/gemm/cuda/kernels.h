@@ -79,14 +79,14 @@ struct ConvParams {
   const uint16_t *x_hi, *x_lo;  // [x_rows_pad, channels]
   const float* x_factor;        // [channels / 64, x_rows_pad]
   int64_t x_rows_pad;
-  const int32_t* x_fallback;    // per pixel: outputs that read it are recomputed exactly
+  const int32_t* x_fallback;    // per pixel: 1 where one of its blocks falls back (factor 0)
   const float* w_factor;        // [k_pad / 64, n_pad]
   const float* x;               // originals for the exact path: x NHWC, w [cout, r, s, c], contiguous
   const float* w;
   int images, in_h, in_w, channels, out_h, out_w, kernel_h, kernel_w;
   int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
-  // exact path scratch: a mark per output pixel [m], the flagged weight rows [n] and their count
-  int32_t *marks, *w_list, *w_count;
+  // exact path scratch: the flagged weight rows [n] and their count
+  int32_t *w_list, *w_count;
 };
 
 // sm80: mma.sync (any GPU of compute capability >= 8.0); sm90: wgmma + TMA (exactly 9.0, and
