@@ -625,3 +625,16 @@ def test_cuda_images_as_channels_is_the_padded_transpose():
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="channels_last"):
         torch.ops.torch_hpc.images_as_channels(x.contiguous(), 64)
+
+
+@requires_sm90
+def test_cuda_implicit_gemm_op_takes_an_input_view_at_any_offset():
+    """A channels_last input that starts 4 bytes into its storage (the split reads 8-byte pairs)."""
+    g = torch.Generator(device="cuda").manual_seed(15)
+    flat = torch.randn(1 + 2 * 6 * 7 * 64, device="cuda", generator=g)
+    x = flat[1:].view(2, 6, 7, 64).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 8 == 4
+    w = (torch.randn(64, 64, 3, 3, device="cuda", generator=g) / 24).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.torch_hpc.conv2d_implicit(x, w, [1, 1], [1, 1], [1, 1])
+    ref = F.conv2d(x.double(), w.double(), None, padding=1)
+    assert _contract_ratio(got, ref, x, w, 2, {"padding": 1}) <= contract_constant(64 * 9)

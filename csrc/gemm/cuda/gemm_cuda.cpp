@@ -342,6 +342,9 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   TORCH_CHECK_VALUE(oh > 0 && ow > 0, name, ": the padded input is smaller than the dilated kernel");
   TORCH_CHECK_VALUE(std::max({n, c, h, wd, k, r, s, oh, ow}) <= INT32_MAX / 2, name, ": sizes too large");
   const c10::cuda::CUDAGuard guard(x.device());
+  // the one-pass split reads the input's 64-value chunks as float2: a view may start anywhere
+  const at::Tensor xa =
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(gemm_kernel_for(x) == cuda::GemmKernel::sm90, name,
               " needs the wgmma kernel (compute capability 9.0, a build with sm_90a)");
   at::Tensor y = at::empty({n, k, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -351,7 +354,7 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   // output channel and its blocks at most half of kMaxBlockShift below it (../split.h)
   const int64_t pixels_in = h * wd, w_k = r * s * c;
   const SplitMode x_mode{true, 0, 0}, w_mode{true, 1, kMaxBlockShift / 2};
-  const Planes px = split_cuda(x, 1, n * pixels_in, c, 0, c, 1, stream, x_mode);
+  const Planes px = split_cuda(xa, 1, n * pixels_in, c, 0, c, 1, stream, x_mode);
   const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream, w_mode);
   const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
   const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
@@ -386,7 +389,7 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   cp.x_rows_pad = px.rows_pad;
   cp.x_fallback = px.fallback.data_ptr<int32_t>();
   cp.w_factor = pw.factor.data_ptr<float>();
-  cp.x = x.data_ptr<float>();
+  cp.x = xa.data_ptr<float>();
   cp.w = w.data_ptr<float>();
   cp.images = static_cast<int>(n);
   cp.in_h = static_cast<int>(h);
