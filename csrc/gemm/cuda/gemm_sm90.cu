@@ -18,15 +18,18 @@ struct PlaneMaps {
   const CUtensorMap *a_hi, *a_lo, *b_hi, *b_lo, *a_factor;
 };
 
-// Producer (one thread): for each tile of this CTA, every k-block's four planes and A's factors
-// by TMA into the next free stage.
+// Producer (one thread): for each tile of this CTA, every k-block's four planes and, where the
+// tile takes the block loop (the consumers' test, sm90_pipeline.cuh), A's factors by TMA into
+// the next free stage.
 __device__ __forceinline__ void producer_load(const SharedStages& sm, const PlaneMaps& maps,
-                                              bool factors, int k_blocks, int tiles_m, int tiles_n,
+                                              const GemmParams& p, int k_blocks, int tiles_m, int tiles_n,
                                               int total_tiles) {
   PipeState pipe;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord tc = tile_coord(tile, tiles_m, tiles_n);
     const int m0 = tc.row_tile * kBM, n0 = tc.col_tile * kBN;
+    const bool factors = p.a_factor != nullptr &&
+                         (p.a_block_tiles == nullptr || p.a_block_tiles[int64_t(tc.batch) * tiles_m + tc.row_tile] != 0);
     for (int kb = 0; kb < k_blocks; ++kb) {
       const int stage = pipe.stage;
       ptx::mbar_wait(&sm.empty[stage], pipe.phase ^ 1);
@@ -60,8 +63,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0)
-      producer_load(sm, PlaneMaps{&map_a_hi, &map_a_lo, &map_b_hi, &map_b_lo, &map_a_factor},
-                    p.a_factor != nullptr, k_blocks, tiles_m, tiles_n, total_tiles);
+      producer_load(sm, PlaneMaps{&map_a_hi, &map_a_lo, &map_b_hi, &map_b_lo, &map_a_factor}, p, k_blocks,
+                    tiles_m, tiles_n, total_tiles);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
     consumer_tiles<false>(sm, p, warpgroup, k_blocks, 0, tiles_m, tiles_n, total_tiles);
