@@ -125,10 +125,11 @@ __global__ void __launch_bounds__(256) split_stats_kernel(SplitParams p, int64_t
 
 // Block mode: the statistics of one 64-value block of a row are complete in one stats block
 // (kStatsChunk is a multiple of 64). Its largest |x| goes to the block's slot of `scale` (bits,
-// turned into the factor by the write pass; kNoNonzero marks a block that falls back) and to its
-// group's largest value; a block that falls back flags its row.
+// turned into the factor by the write pass; kNoNonzero marks a block that falls back) and into
+// `group` (the largest value of its base group, the smallest nonzero of its row), which the
+// caller adds to row_max / row_min once per chunk; a block that falls back flags its row.
 __device__ __forceinline__ void record_block(const SplitParams& p, int64_t b, int64_t row, int64_t kb,
-                                             uint32_t mx, uint32_t mn) {
+                                             uint32_t mx, uint32_t mn, RowStats& group) {
   const RowScale s = row_scale(mx, mn);
   uint32_t* slot = reinterpret_cast<uint32_t*>(p.scale) + (b * (p.k_pad / kScaleBlock) + kb) * p.rows_pad + row;
   if (s.fallback) {
@@ -137,8 +138,12 @@ __device__ __forceinline__ void record_block(const SplitParams& p, int64_t b, in
     return;
   }
   *slot = mx;
-  if (mx != 0) atomicMax(p.row_max + b * p.rows_pad + row / p.base_rows, mx);
-  if (mn != kNoNonzero) atomicMin(p.row_min + b * p.rows_pad + row, mn);
+  group.merge(mx, mn);
+}
+
+__device__ __forceinline__ void add_group(const SplitParams& p, int64_t b, int64_t row, const RowStats& group) {
+  if (group.max_abs != 0) atomicMax(p.row_max + b * p.rows_pad + row / p.base_rows, group.max_abs);
+  if (group.min_nonzero_abs != kNoNonzero) atomicMin(p.row_min + b * p.rows_pad + row, group.min_nonzero_abs);
 }
 
 constexpr int kChunkBlocks = kStatsChunk / kScaleBlock;
@@ -162,6 +167,7 @@ __global__ void __launch_bounds__(256) split_block_stats_kernel(SplitParams p, i
         const int64_t k = k_begin + 32 * u + lane;
         v[u] = k < k_end ? xr[k * p.stride_k] : 0.0f;
       }
+      RowStats group;
 #pragma unroll
       for (int blk = 0; blk < kChunkBlocks; ++blk) {
         if (k_begin + kScaleBlock * blk >= k_end) break;
@@ -170,14 +176,16 @@ __global__ void __launch_bounds__(256) split_block_stats_kernel(SplitParams p, i
         stats.add(v[2 * blk + 1]);
         uint32_t mx = stats.max_abs, mn = stats.min_nonzero_abs;
         warp_reduce(mx, mn);
-        if (lane == 0) record_block(p, b, row, k_begin / kScaleBlock + blk, mx, mn);
+        if (lane == 0) record_block(p, b, row, k_begin / kScaleBlock + blk, mx, mn, group);
       }
+      if (lane == 0) add_group(p, b, row, group);
     }
     return;
   }
   // lane = row (B's columns), the 8 warps split each block's 64 values
   __shared__ uint32_t part_max[8][kSplitRows], part_min[8][kSplitRows];
   const int64_t row = r0 + lane;
+  RowStats group;
 #pragma unroll 1
   for (int blk = 0; blk < kChunkBlocks; ++blk) {
     const int64_t kb0 = k_begin + kScaleBlock * blk;
@@ -190,10 +198,11 @@ __global__ void __launch_bounds__(256) split_block_stats_kernel(SplitParams p, i
     if (threadIdx.y == 0 && row < p.rows) {
 #pragma unroll
       for (int w = 1; w < 8; ++w) stats.merge(part_max[w][lane], part_min[w][lane]);
-      record_block(p, b, row, kb0 / kScaleBlock, stats.max_abs, stats.min_nonzero_abs);
+      record_block(p, b, row, kb0 / kScaleBlock, stats.max_abs, stats.min_nonzero_abs, group);
     }
     __syncthreads();
   }
+  if (threadIdx.y == 0 && row < p.rows) add_group(p, b, row, group);
 }
 
 // Pass 2: 32 rows x kSplitK k per block (16 loads in flight per thread), written as two halves
