@@ -6,14 +6,14 @@
 // A row falls back to the exact path when it holds inf/NaN or when an entry sits more than
 // kSplitWindow binades below the row maximum (its scaled value would leave fp16's normal range).
 //
-// Block mode (A of the sm90 kernels, both operands of the convolution): each kScaleBlock values
-// of a row (one k-block) get their own exponent e_b by the same rule, so the window holds per
-// block, not per row. The row keeps a base exponent e (the largest e_b, or its group's: the
-// rows of one image in a convolution) applied at the end; the block's partial products are
-// multiplied by its factor 2^(e_b - e) when the kernel promotes them into the fp32 accumulator.
-// A row falls back when one of its blocks does, or when a nonzero block lies more than
-// `max_shift` binades below the base (its factor would leave fp32's normal range). Absolute
-// block mode (below) drops the base: each factor is the block's own power of two.
+// Block mode (A of the sm90 GEMM): each kScaleBlock values of a row (one k-block) get their own
+// exponent e_b by the same rule, so the window holds per block, not per row. The row keeps a
+// base exponent e (the largest e_b; the split kernels can also share one base among a group of
+// rows) applied at the end; the block's partial products are multiplied by its factor
+// 2^(e_b - e) when the kernel promotes them into the fp32 accumulator. A row falls back when one
+// of its blocks does, or when a nonzero block lies more than `max_shift` binades below the base
+// (its factor would leave fp32's normal range). Absolute block mode (below; both operands of the
+// convolution) drops the base: each factor is the block's own power of two.
 #pragma once
 
 #include <cstdint>
@@ -34,9 +34,8 @@ constexpr int kHiTopExponent = 14;   // scaled row maximum lies in [2^14, 2^15)
 constexpr int kLoShift = 11;         // lo carries the residual times 2^11
 constexpr int kSplitWindow = 28;     // entries below 2^(emax - 28) would be subnormal after scaling
 constexpr int kScaleBlock = 64;      // values sharing one exponent in block mode (one k-block)
-// Largest base - e_b kept in block mode: with one factor per product (A's blocks), the smallest
-// scaled product of the window, 2^-28, times 2^-96 stays a normal fp32; with factors on both
-// operands (the convolution) each side keeps half.
+// Largest base - e_b kept in block mode (the GEMM's A): with one factor per product, the
+// smallest scaled product of the window, 2^-28, times 2^-96 stays a normal fp32.
 constexpr int kMaxBlockShift = 96;
 constexpr uint32_t kAbsInfBits = 0x7f800000u;
 constexpr uint32_t kNoNonzero = 0xffffffffu;
@@ -163,13 +162,14 @@ TORCH_HPC_HD float block_factor(RowScale block, int base_exponent, int max_shift
   return bits_float(static_cast<uint32_t>(127 + shift) << 23);
 }
 
-// Absolute block mode (the convolution's input, split in one pass): each block's factor is
-// 2^e_b itself, with no base (row exponents 0). Blocks whose exponent leaves
-// [kMinAbsoluteExponent, kMaxAbsoluteExponent] fall back, so that times a weight factor (at least
-// 2^-(kMaxBlockShift / 2)) the product of two factors is still an exact fp32 power of two, and a
-// sum of 64 k-blocks of 64 scaled products (each below 2^30 2^e_b) cannot overflow fp32.
-constexpr int kMinAbsoluteExponent = -149 + kMaxBlockShift / 2;
-constexpr int kMaxAbsoluteExponent = 80;
+// Absolute block mode (both operands of the convolution, each split in one pass): each block's
+// factor is 2^e_b itself, with no base (row exponents 0), so the kernel's accumulator holds the
+// true sums. Blocks whose exponent leaves [kMinAbsoluteExponent, kMaxAbsoluteExponent] fall
+// back, so that the product of two factors is an exact fp32 power of two (2^-148 .. 2^126): a
+// k-block's scaled products (below 2^36) times it are then the true partial sum, which
+// overflows only where fp32's own sum would.
+constexpr int kMinAbsoluteExponent = -74;
+constexpr int kMaxAbsoluteExponent = 63;
 
 TORCH_HPC_HD float absolute_block_factor(RowScale block) {
   if (block.fallback || block.exponent < kMinAbsoluteExponent || block.exponent > kMaxAbsoluteExponent)

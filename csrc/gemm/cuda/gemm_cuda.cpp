@@ -314,8 +314,8 @@ int64_t k_slices(int64_t tiles, int64_t k_blocks, int sms) {
 
 // torch_hpc::conv2d_implicit: F.conv2d(input, weight, None, stride, padding, dilation) for
 // channels_last fp32 tensors, groups 1, channel counts multiples of 64, on the sm90 kernel
-// (conv_sm90.cu): the input split per pixel and 64 channels (absolute factors), the weight
-// per output channel and 64 of (r, s, c), the patches gathered by the kernel; the products of
+// (conv_sm90.cu): the input split per pixel and 64 channels, the weight per output channel and
+// 64 of (r, s, c), both with absolute factors, the patches gathered by the kernel; the products of
 // every 64-value block the split flags are added exactly afterwards (conv_exact.cu).
 at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -342,20 +342,21 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   TORCH_CHECK_VALUE(oh > 0 && ow > 0, name, ": the padded input is smaller than the dilated kernel");
   TORCH_CHECK_VALUE(std::max({n, c, h, wd, k, r, s, oh, ow}) <= INT32_MAX / 2, name, ": sizes too large");
   const c10::cuda::CUDAGuard guard(x.device());
-  // the one-pass split reads the input's 64-value chunks as float2: a view may start anywhere
-  const at::Tensor xa =
-      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone(at::MemoryFormat::ChannelsLast);
+  // the one-pass split reads 64-value chunks as float2: a view may start anywhere
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::ChannelsLast);
+  };
+  const at::Tensor xa = aligned(x), wa = aligned(w);
   TORCH_CHECK(gemm_kernel_for(x) == cuda::GemmKernel::sm90, name,
               " needs the wgmma kernel (compute capability 9.0, a build with sm_90a)");
   at::Tensor y = at::empty({n, k, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // x in absolute block mode (one pass, no base: row exponents 0), the weight with a base per
-  // output channel and its blocks at most half of kMaxBlockShift below it (../split.h)
+  // both in absolute block mode (one pass each, no base: row and column exponents 0, ../split.h)
   const int64_t pixels_in = h * wd, w_k = r * s * c;
-  const SplitMode x_mode{true, 0, 0}, w_mode{true, 1, kMaxBlockShift / 2};
-  const Planes px = split_cuda(xa, 1, n * pixels_in, c, 0, c, 1, stream, x_mode);
-  const Planes pw = split_cuda(w, 1, k, w_k, 0, w_k, 1, stream, w_mode);
+  const SplitMode absolute{true, 0, 0};
+  const Planes px = split_cuda(xa, 1, n * pixels_in, c, 0, c, 1, stream, absolute);
+  const Planes pw = split_cuda(wa, 1, k, w_k, 0, w_k, 1, stream, absolute);
   const int64_t m = n * oh * ow, m_pad = round_up(m, kTileRows);
   const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
   const int64_t slices = k_slices(m_pad / kTileRows * (pw.rows_pad / kTileRows), pw.k_pad / kTileK, sms);
@@ -390,7 +391,7 @@ at::Tensor conv2d_implicit_cuda(const at::Tensor& x, const at::Tensor& w, at::In
   cp.x_fallback = px.fallback.data_ptr<int32_t>();
   cp.w_factor = pw.factor.data_ptr<float>();
   cp.x = xa.data_ptr<float>();
-  cp.w = w.data_ptr<float>();
+  cp.w = wa.data_ptr<float>();
   cp.images = static_cast<int>(n);
   cp.in_h = static_cast<int>(h);
   cp.in_w = static_cast<int>(wd);

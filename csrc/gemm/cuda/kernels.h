@@ -68,9 +68,9 @@ struct GemmParams {
 //   y[m, k] = sum over (r, s, c) of x[image, ih, iw, c] w[k, r, s, c]
 // for output pixels m = (image, oh, ow), ih = oh stride_h - pad_h + r dilation_h (iw alike), x
 // and w read from their split planes, both in block mode: x's rows are pixels (image, h, w) with
-// k = channels and absolute factors (no base); w's rows output channels (k = kernel_h kernel_w
-// channels), one base per row. `gemm` carries the product's shape and output: a_exponent per
-// output pixel (0), b_* the weight's planes, exponents and fallback flags, c = y
+// k = channels, w's rows output channels (k = kernel_h kernel_w channels), both with absolute
+// factors (no base). `gemm` carries the product's shape and output: a_exponent per output pixel
+// (0), b_* the weight's planes, exponents (0) and fallback flags, c = y
 // [m, cout] (channels_last). batch > 1 splits K: slice b sums k-blocks b ceil(kb / batch) .. of
 // every output into c + b c_stride_b (exponents replicated per slice, a_exponent [batch, m_pad],
 // b_exponent [batch, n_pad]); no slice may be empty.
