@@ -366,6 +366,24 @@ def _sm90_device() -> bool:
             and "sm_90a" in torch_hpc.build_info().get("cuda_archs", []))
 
 
+def test_implicit_gemm_switch_takes_false_true_or_auto_and_flags_restore_it():
+    conv = torch_hpc.backends.conv
+    assert conv.implicit_gemm is False
+    with conv.flags(implicit_gemm="auto"):
+        assert conv.implicit_gemm == "auto" and "auto" in repr(conv)
+        with conv.flags(implicit_gemm=True):
+            assert conv.implicit_gemm is True
+        assert conv.implicit_gemm == "auto"
+    assert conv.implicit_gemm is False
+    for bad in (1, 0, "on", None):
+        with pytest.raises(ValueError, match="implicit_gemm: expected False, True or 'auto'"):
+            conv.implicit_gemm = bad
+    assert conv.implicit_gemm is False
+    # "auto": the measured table takes the forward of strided layers with >= 128 input channels
+    assert torch_hpc.conv._measured_wins(128, 128, (2, 2)) == (True, False, False)
+    assert torch_hpc.conv._measured_wins(64, 64, (1, 1)) == (False, False, False)
+
+
 requires_sm90 = pytest.mark.skipif(not _sm90_device(), reason="needs compute capability 9.0 and an sm_90a build")
 
 # (batch, in, out, size, kernel, stride, padding, dilation)
