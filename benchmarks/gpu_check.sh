@@ -15,6 +15,8 @@ OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
+NCU_SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+  --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats)
 # A compiler that has only a static libstdc++ (e.g. a g++ in /opt/gcc) gives the extension a
 # private copy whose iostreams crash when formatting numbers (segfaults in error paths): link
 # the system's shared libstdc++.so.6 instead.
@@ -92,8 +94,7 @@ if [[ " $PARTS " == *" ncu "* ]]; then
   IFS=x read -r M N K <<< "${NCU_SHAPE:-8192x8192x8192}"
   # the third call's kernels (the first two warm up); clocks left alone
   timeout 400 ncu --clock-control none --kernel-name regex:'split_|gemm_sm|fallback' --launch-skip 6 --launch-count 6 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    "${NCU_SECTIONS[@]}" \
     $PY -c "
 import torch, torch_hpc
 a = torch.randn($M, $K, device='cuda'); b = torch.randn($K, $N, device='cuda')
@@ -108,8 +109,7 @@ if [[ " $PARTS " == *" ncu-conv "* ]]; then
   # the second forward + backward's three conv_sm90 launches (the backward runs on autograd's
   # thread, so no NVTX range: launches are counted)
   timeout 400 ncu --clock-control none --kernel-name regex:conv_sm90 --launch-skip 3 --launch-count 3 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    "${NCU_SECTIONS[@]}" \
     $PY -c "
 import sys, torch, torch_hpc
 sys.path.insert(0, 'benchmarks')

@@ -91,12 +91,13 @@ def _conv(n, input, weight, bias, stride, padding, dilation, groups, products=Fa
         raise ValueError(f"{name}: the input's spatial size {list(x.shape[2:])} (padded by {pads}) "
                          f"is smaller than the dilated kernel {[dilation[d] * (kernel[d] - 1) + 1 for d in range(n)]}")
     if x.is_cuda and not products and not _pointwise_emulates(x, weight, kernel, stride, pads, groups):
-        if _implicit_gemm_takes(n, x, weight, stride if n == 2 else (1, stride[0]), pads, groups, traced):
+        passes = _implicit_gemm_takes(n, x, weight, stride if n == 2 else (1, stride[0]), pads, groups, traced)
+        if passes:
             if n == 1:  # the 2-D kernel with height 1
                 out = _implicit_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride[0]),
-                                       (0, pads[0][0]), (1, dilation[0])).squeeze(2)
+                                       (0, pads[0][0]), (1, dilation[0]), passes).squeeze(2)
             else:
-                out = _implicit_conv2d(x, weight, bias, stride, [p[0] for p in pads], dilation)
+                out = _implicit_conv2d(x, weight, bias, stride, [p[0] for p in pads], dilation, passes)
         else:
             out = _cudnn_fp32(n, x, weight, bias, stride, pads, dilation, groups, traced)
     else:
@@ -163,17 +164,19 @@ def _pointwise_emulates(x, weight, kernel, stride, pads, groups):
     return ops.emulates(x, 1, x.shape[0] * pixels, weight.shape[0], weight.shape[1])
 
 
-def _implicit_gemm_takes(n, x, weight, stride, pads, groups, traced) -> bool:
-    """torch_hpc.backends.conv.implicit_gemm set, a layer its kernel covers (2-D, or 1-D as height
-    1, groups 1, channel counts multiples of 64, symmetric padding, an sm90 device, eager), and at
-    least one pass it takes (_implicit_passes)."""
+def _implicit_gemm_takes(n, x, weight, stride, pads, groups, traced) -> tuple[bool, bool, bool] | None:
+    """The passes the implicit-GEMM kernel takes (_implicit_passes), or None: it takes none, or
+    torch_hpc.backends.conv.implicit_gemm is off, or the layer is not one its kernel covers (2-D,
+    or 1-D as height 1, groups 1, channel counts multiples of 64, symmetric padding, an sm90
+    device, eager)."""
     if not backends.conv.implicit_gemm or traced or torch.compiler.is_compiling():
-        return False
+        return None
     if n not in (1, 2) or groups != 1 or x.shape[1] % 64 or weight.shape[0] % 64 or any(p[0] != p[1] for p in pads):
-        return False
-    if backends.conv.implicit_gemm == "auto" and not any(_implicit_passes(x.shape, weight.shape, stride)):
-        return False
-    return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        return None
+    passes = _implicit_passes(x.shape, weight.shape, stride)
+    if not any(passes) or not _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        return None
+    return passes
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,8 +188,7 @@ def _sm90(index: int) -> bool:
     return backends.gemm.kernel != "sm80" and _sm90_device(index)
 
 
-def _implicit_conv2d(x, weight, bias, stride, padding, dilation):
-    passes = _implicit_passes(x.shape, weight.shape, stride)
+def _implicit_conv2d(x, weight, bias, stride, padding, dilation, passes):
     out = _ImplicitConv2d.apply(x, weight, tuple(stride), tuple(padding), tuple(dilation), passes)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)

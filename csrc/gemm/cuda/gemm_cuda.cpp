@@ -51,15 +51,16 @@ Planes split_cuda(const at::Tensor& x, int64_t batch, int64_t rows, int64_t k, i
            mode.blocks ? at::empty({batch, k_pad / kScaleBlock, rows_pad}, opts) : at::Tensor(),
            mode.blocks && mode.base_rows == 1 ? at::empty({batch, rows_pad / kTileRows}, opts.dtype(at::kInt))
                                               : at::Tensor()};
-  const at::Tensor stats = at::empty({2, batch, rows_pad}, opts.dtype(at::kInt));
+  const bool absolute = mode.blocks && mode.base_rows == 0;  // one pass, no statistics
+  const at::Tensor stats = absolute ? at::Tensor() : at::empty({2, batch, rows_pad}, opts.dtype(at::kInt));
   cuda::SplitParams sp{x.data_ptr<float>(),
                        batch, rows, k, sb, sr, sk,
                        reinterpret_cast<uint16_t*>(p.hi.data_ptr<at::Half>()),
                        reinterpret_cast<uint16_t*>(p.lo.data_ptr<at::Half>()),
                        p.exponent.data_ptr<int32_t>(),
                        p.fallback.data_ptr<int32_t>(),
-                       reinterpret_cast<uint32_t*>(stats[0].data_ptr<int32_t>()),
-                       reinterpret_cast<uint32_t*>(stats[1].data_ptr<int32_t>()),
+                       absolute ? nullptr : reinterpret_cast<uint32_t*>(stats[0].data_ptr<int32_t>()),
+                       absolute ? nullptr : reinterpret_cast<uint32_t*>(stats[1].data_ptr<int32_t>()),
                        rows_pad, k_pad,
                        mode.blocks ? p.factor.data_ptr<float>() : nullptr,
                        mode.base_rows, mode.max_shift,
