@@ -147,15 +147,22 @@ def kernel_breakdown(layer, args, device, top=8):
         with tp.profile(activities=[tp.ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        kernels = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total
-        out[passname] = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-        print(f"  {layer[0]}, {passname}: {sum(kernels.values()):.0f} us in {len(kernels)} kernels")
-        for name, us in out[passname]:
-            print(f"    {us:8.1f} us  {name[:110]}")
+        out[passname] = print_kernels(prof, f"{layer[0]}, {passname}", top)
     return out
+
+
+def print_kernels(prof, title, top):
+    """Device time per kernel name of a torch.profiler run, largest first (the first top)."""
+    kernels, launches = {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total
+            launches[e.name] = launches.get(e.name, 0) + 1
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    print(f"  {title}: {sum(kernels.values()):.0f} us in {len(kernels)} kernels")
+    for name, us in ranked:
+        print(f"    {us:9.1f} us {launches[name]:4d}x  {name[:110]}")
+    return ranked
 
 
 def bench_layer(layer, args, device):
@@ -239,7 +246,7 @@ def network_step(name, precision, args, device):
     model, x, loss_fn = network(name, args.batch, args.scale, device)
     if args.channels_last and x.dim() == 4:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    if precision in ("torch_hpc", "implicit"):
+    if precision in ("torch_hpc", "implicit", "implicit-auto"):
         torch_hpc.emulate_fp32(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
@@ -247,7 +254,8 @@ def network_step(name, precision, args, device):
     seconds = []
     torch_hpc.exact_path_stats(device, reset=True)
     try:
-        with torch_hpc.backends.conv.flags(implicit_gemm=precision == "implicit"):
+        switch = {"implicit": True, "implicit-auto": "auto"}.get(precision, False)
+        with torch_hpc.backends.conv.flags(implicit_gemm=switch):
             for i in range(args.warmup + args.reps):
                 sync()
                 t0 = time.perf_counter()
@@ -257,15 +265,25 @@ def network_step(name, precision, args, device):
                 sync()
                 if i >= args.warmup:
                     seconds.append(time.perf_counter() - t0)
+        fraction = torch_hpc.exact_path_stats(device, reset=True)["fraction"]
+        if args.profile and device == "cuda" and precision.startswith("implicit"):
+            import torch.profiler as tp
+            with torch_hpc.backends.conv.flags(implicit_gemm=switch), \
+                    tp.profile(activities=[tp.ProfilerActivity.CUDA]) as prof:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x)).backward()
+                opt.step()
+                sync()
+            print_kernels(prof, f"{name} step, {precision}", 15)
     finally:
         torch.backends.cudnn.allow_tf32 = False
-    return statistics.median(seconds), torch_hpc.exact_path_stats(device, reset=True)["fraction"]
+    return statistics.median(seconds), fraction
 
 
 def bench_networks(args, device):
     precisions = ["fp32", "tf32", "torch_hpc"] if device == "cuda" else ["fp32", "torch_hpc"]
     if device == "cuda" and "implicit" in args.methods:
-        precisions.append("implicit")
+        precisions += ["implicit", "implicit-auto"]
     out = {}
     for name in args.networks:
         steps = {p: network_step(name, p, args, device) for p in precisions}
@@ -273,7 +291,7 @@ def bench_networks(args, device):
         out[name] = {p: {"ms_per_step": 1e3 * t, "speedup_vs_fp32": times["fp32"] / t, "exact_fraction": e}
                      for p, (t, e) in steps.items()}
         print(f"{name}: " + ", ".join(f"{p} {1e3 * t:.2f} ms/step ({times['fp32'] / t:.2f}x fp32"
-                                      + (f", exact path {100 * e:.3g} %" if p in ("torch_hpc", "implicit") else "")
+                                      + (f", exact path {100 * e:.3g} %" if p.startswith(("torch_hpc", "implicit")) else "")
                                       + ")" for p, (t, e) in steps.items()), flush=True)
     return out
 
@@ -351,7 +369,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--tag", default="")
     p.add_argument("--profile", action="store_true",
-                   help="print each pass's kernels (torch.profiler) for the implicit-GEMM route, per layer")
+                   help="print each pass's kernels (torch.profiler) for the implicit-GEMM route, per layer, and "
+                        "one training step's with --networks")
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda":

@@ -178,3 +178,59 @@ def _conv2d_implicit_fake(input, weight, stride, padding, dilation):
 def _images_as_channels_fake(x, multiple):
     n, c, h, w = x.shape
     return x.new_empty((c, -(-n // multiple) * multiple, h, w)).contiguous(memory_format=torch.channels_last)
+
+
+_MAX_ATTENTION_DIM = 128  # csrc/gemm/checks.h
+_ATTENTION_QUERY_BLOCK = 128  # rows of the saved log-sum-exp are padded to it (csrc/gemm/cuda/attention.h)
+
+
+def _check_attention_args(query, key, value, mask, op):
+    # Mirrors csrc/gemm/checks.cpp (check_attention_args) so that fake tensors raise its errors.
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"torch_hpc.{op}: expected argument '{name}' to have dtype torch.float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"torch_hpc.{op}: expected argument '{name}' to be 4-D (batch, heads, length, dim), "
+                             f"got shape {list(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"torch_hpc.{op}: expected argument '{name}' on {query.device}, got {t.device}")
+    b, h, length, e = query.shape
+    if not (key.shape[0] == b == value.shape[0] and key.shape[1] == value.shape[1] and key.shape[1] > 0
+            and h % key.shape[1] == 0 and key.shape[2] == value.shape[2] and key.shape[3] == e):
+        raise ValueError(f"torch_hpc.{op}: expected 'key' (B, H / G, S, E) and 'value' (B, H / G, S, Ev) for "
+                         f"'query' (B, H, L, E), got query {list(query.shape)}, key {list(key.shape)}, "
+                         f"value {list(value.shape)}")
+    if length == 0 or key.shape[2] == 0 or b * h == 0:
+        raise ValueError(f"torch_hpc.{op}: expected nonempty batch, heads and lengths, got query "
+                         f"{list(query.shape)} and key {list(key.shape)}")
+    if not (0 < e <= _MAX_ATTENTION_DIM and 0 < value.shape[3] <= _MAX_ATTENTION_DIM):
+        raise ValueError(f"torch_hpc.{op}: expected head dimensions from 1 to {_MAX_ATTENTION_DIM}, got {e} (query, key) "
+                         f"and {value.shape[3]} (value)")
+    if mask is not None:
+        if mask.dtype != torch.float32 or mask.dim() != 4 or mask.device != query.device:
+            raise ValueError(f"torch_hpc.{op}: expected argument 'mask' to be a 4-D torch.float32 tensor on "
+                             f"{query.device}, got {mask.dtype} of shape {list(mask.shape)} on {mask.device}")
+        full = (b, h, length, key.shape[2])
+        if any(m not in (1, f) for m, f in zip(mask.shape, full)):
+            raise ValueError(f"torch_hpc.{op}: argument 'mask' of shape {list(mask.shape)} does not broadcast "
+                             f"to {list(full)}")
+
+
+@torch.library.register_fake("torch_hpc::attention")
+def _attention_fake(query, key, value, mask, is_causal, scale):
+    _check_attention_args(query, key, value, mask, "attention")
+    return query.new_empty((*query.shape[:3], value.shape[3]))
+
+
+@torch.library.register_fake("torch_hpc::attention_forward")
+def _attention_forward_fake(query, key, value, mask, is_causal, scale):
+    _check_attention_args(query, key, value, mask, "attention_forward")
+    b, h, length, _ = query.shape
+    rows = -(-length // _ATTENTION_QUERY_BLOCK) * _ATTENTION_QUERY_BLOCK
+    return query.new_empty((b, h, length, value.shape[3])), query.new_empty((b, h, rows))
+
+
+@torch.library.register_fake("torch_hpc::attention_backward")
+def _attention_backward_fake(grad, query, key, value, out, lse, mask, is_causal, scale):
+    _check_attention_args(query, key, value, mask, "attention_backward")
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)

@@ -10,7 +10,8 @@ tensor-core emulation, like torch.backends.cuda.matmul.allow_tf32 switches to TF
 
 Routed: torch.mm, torch.matmul and `@`, torch.bmm, torch.addmm, torch.baddbmm, F.linear (also as
 Tensor methods and as torch.ops.aten calls), F.conv1d/2d/3d (so nn.Conv*d; see torch_hpc.conv for
-where convolutions run), when every tensor operand is a dense float32 tensor on a routed device
+where convolutions run), F.scaled_dot_product_attention (so nn.MultiheadAttention and
+nn.TransformerEncoderLayer; see torch_hpc.attention for where it runs), when every tensor operand is a dense float32 tensor on a routed device
 and autocast is off there; anything else (other dtypes, out=, autocast, tensors inside vmap or
 torch.func transforms or with forward-mode AD tangents) runs the ordinary op, and so do bad
 arguments (torch's own error is raised). Autograd works: the routed products' gradients
@@ -27,7 +28,8 @@ import threading
 from . import _C
 
 # The order of the counts that torch_hpc._C gives (csrc/gemm/emulation_mode.cpp).
-_ROUTE_NAMES = ("mm", "bmm", "matmul", "addmm", "baddbmm", "linear", "conv1d", "conv2d", "conv3d")
+_ROUTE_NAMES = ("mm", "bmm", "matmul", "addmm", "baddbmm", "linear", "conv1d", "conv2d", "conv3d",
+                "scaled_dot_product_attention")
 
 
 def _counter(counts) -> collections.Counter:

@@ -45,5 +45,38 @@ void check_split_arg(const at::Tensor& x) {
                     x.sizes());
 }
 
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask, const char* op) {
+  const std::pair<const char*, const at::Tensor*> operands[] = {{"query", &q}, {"key", &k}, {"value", &v}};
+  for (const auto& [name, t] : operands) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, "torch_hpc.", op, ": expected argument '", name,
+                      "' to have dtype torch.float32, got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->dim() == 4, "torch_hpc.", op, ": expected argument '", name,
+                      "' to be 4-D (batch, heads, length, dim), got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == q.device(), "torch_hpc.", op, ": expected argument '", name,
+                      "' on ", q.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) &&
+                        k.size(1) > 0 && q.size(1) % k.size(1) == 0 && k.size(2) == v.size(2) &&
+                        k.size(3) == q.size(3),
+                    "torch_hpc.", op, ": expected 'key' (B, H / G, S, E) and 'value' (B, H / G, S, Ev) for "
+                    "'query' (B, H, L, E), got query ", q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(2) > 0 && k.size(2) > 0 && q.size(0) * q.size(1) > 0, "torch_hpc.", op,
+                    ": expected nonempty batch, heads and lengths, got query ", q.sizes(), " and key ", k.sizes());
+  TORCH_CHECK_VALUE(q.size(3) > 0 && q.size(3) <= kMaxAttentionDim && v.size(3) > 0 && v.size(3) <= kMaxAttentionDim,
+                    "torch_hpc.", op, ": expected head dimensions from 1 to ", kMaxAttentionDim,
+                    ", got ", q.size(3), " (query, key) and ", v.size(3), " (value)");
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_VALUE(m.scalar_type() == at::kFloat && m.dim() == 4 && m.device() == q.device(), "torch_hpc.", op,
+                      ": expected argument 'mask' to be a 4-D torch.float32 tensor on ", q.device(), ", got ",
+                      dtype_name(m.scalar_type()), " of shape ", m.sizes(), " on ", m.device());
+    const int64_t full[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    for (int d = 0; d < 4; ++d)
+      TORCH_CHECK_VALUE(m.size(d) == 1 || m.size(d) == full[d], "torch_hpc.", op, ": argument 'mask' of shape ",
+                        m.sizes(), " does not broadcast to ", c10::IntArrayRef(full));
+  }
+}
+
 }  // namespace gemm
 }  // namespace torch_hpc

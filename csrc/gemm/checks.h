@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 
 namespace torch_hpc {
@@ -17,6 +18,14 @@ void check_bias_arg(const at::Tensor& bias, const at::Tensor& b, const char* op)
 
 // Checks the argument of torch_hpc::split (2-D float32).
 void check_split_arg(const at::Tensor& x);
+
+// Checks the canonical operands of torch_hpc::attention / attention_forward / attention_backward:
+// float32 query [B, H, L, E], key [B, H / G, S, E], value [B, H / G, S, Ev] on one device,
+// E and Ev at most kMaxAttentionDim, L and S nonzero, mask (when defined) float32 and 4-D,
+// broadcastable to [B, H, L, S].
+constexpr int64_t kMaxAttentionDim = 128;
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask, const char* op);
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 

@@ -1,7 +1,7 @@
 // fp32_emulation()'s routing, below Python: a thread-local dispatch key above autograd (where
 // autocast's keys sit) carries kernels for torch's matrix products (mm, bmm, addmm, baddbmm,
-// matmul, linear, conv1d/2d/3d) that call torch_hpc's ops, and falls through for every other op,
-// at no cost per call. The key travels with PyTorch's thread-local state, so backward() inside
+// matmul, linear, conv1d/2d/3d) and scaled_dot_product_attention that call torch_hpc's ops,
+// and falls through for every other op, at no cost per call. The key travels with PyTorch's thread-local state, so backward() inside
 // the mode routes the products of torch's own backward formulas too. PyTorch reserves no key for
 // out-of-tree modes; this takes TESTING_ONLY_GenericMode, which nothing in PyTorch itself
 // registers, and registers on it only when a mode is first entered.
@@ -31,7 +31,7 @@ namespace {
 constexpr c10::DispatchKey kModeKey = gemm::kEmulationModeKey;
 
 // The order of the names Python's fp32_emulation.calls uses (precision.py).
-enum Route { kMm, kBmm, kMatmul, kAddmm, kBaddbmm, kLinear, kConv1d, kConv2d, kConv3d, kRoutes };
+enum Route { kMm, kBmm, kMatmul, kAddmm, kBaddbmm, kLinear, kConv1d, kConv2d, kConv3d, kSdpa, kRoutes };
 
 struct Context {
   bool enabled;
@@ -189,6 +189,16 @@ at::Tensor conv(const at::Tensor& input, const at::Tensor& weight, const std::op
       });
 }
 
+// Attention: torch_hpc's composite takes the fused kernel where it applies and torch's call
+// elsewhere; only calls whose three operands the mode routes are counted.
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+                double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
+  return route_or_torch(
+      kSdpa, take(kSdpa, q, k, v),
+      [&] { return call_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa); },
+      [&] { return at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa); });
+}
+
 void register_kernels() {
   static std::once_flag once;
   std::call_once(once, [] {
@@ -208,6 +218,7 @@ void register_kernels() {
     aten->impl("conv1d.padding", TORCH_FN((conv<1, c10::string_view>)));
     aten->impl("conv2d.padding", TORCH_FN((conv<2, c10::string_view>)));
     aten->impl("conv3d.padding", TORCH_FN((conv<3, c10::string_view>)));
+    aten->impl("scaled_dot_product_attention", TORCH_FN(sdpa));
   });
 }
 

@@ -189,6 +189,17 @@ TORCH_LIBRARY(torch_hpc, m) {
   // CUDA only: x (N, C, H, W) channels_last as (C, N rounded up to `multiple`, H, W) channels_last,
   // zeros past N (the same route's weight gradient)
   m.def("images_as_channels(Tensor x, int multiple) -> Tensor");
+  // Fused attention (CUDA, compute capability >= 8.0): query (B, H, L, E), key (B, H / G, S, E),
+  // value (B, H / G, S, Ev), E and Ev <= 128, mask float32 broadcastable to (B, H, L, S);
+  // lse: log2 of each row's sum of 2^(scores log2 e), rows padded to 128
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, bool is_causal, float scale) -> Tensor");
+  m.def("attention_forward(Tensor query, Tensor key, Tensor value, Tensor? mask, bool is_causal, float scale) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+        "Tensor? mask, bool is_causal, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // F.scaled_dot_product_attention's semantics: the fused op where it applies, torch's call elsewhere
+  m.def("scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+        "float dropout_p=0.0, bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor");
   // [outputs the exact path recomputed, outputs computed] on like's device since the last reset
   // (torch_hpc.exact_path_stats)
   m.def("exact_path_counts(Tensor like, bool reset=False) -> int[]");

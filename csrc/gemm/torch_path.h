@@ -24,6 +24,11 @@ struct TorchProductGuard {
 // Set once by the CUDA kernels' file when it is built in.
 void register_cuda_sgemm_rule(SgemmRule rule);
 
+// Whether the fused attention kernel runs on a CUDA device at a head dimension (compute
+// capability, shared memory); set once by the CUDA attention file when it is built in.
+using AttentionFitsRule = bool (*)(int device, int64_t dim);
+void register_attention_fits_rule(AttentionFitsRule rule);
+
 // a @ b (a: [batch,] m x k, b: [batch,] k x n): whether torch's op computes it and the
 // gradients it will need (of a when grad_a, of b when grad_b) exactly as torch_hpc would.
 // False for traced, subclass or functorch tensors (the torch_hpc op stays in graphs).
