@@ -3,7 +3,7 @@ converted with torch_hpc.emulate_fp32(model) (its nn.Linear modules swapped; oth
 fp32), in the same run: time per training step (forward + backward + Adam) and the loss curves
 of every seed.
 
-    python benchmarks/models.py                                   # the three models on the GPU
+    python benchmarks/models.py                                   # every model on the GPU
     python benchmarks/models.py --models mlp --steps 5 --device cpu   # smoke test
 
 Models:
@@ -11,6 +11,10 @@ Models:
                     with matmul and softmax (not fused), learning the next state of Lorenz-96
                     trajectories (40 variables, F = 8, RK4) integrated here
   transformer-1024  the same with 4 blocks, d_model 1024, 16 heads
+  encoder-4096      nn.TransformerEncoder (pre-LN, GELU, no dropout, causal): 2 layers, d_model 4096,
+                    32 heads, seq 2048, batch 4, the same Lorenz-96 task; its attention is
+                    F.scaled_dot_product_attention inside nn.MultiheadAttention
+  encoder-1024      the same with 4 layers, d_model 1024, 16 heads, batch 8
   lm-head           a language model's output layer: the Lorenz-96 state embedded to d_model 4096
                     (Linear, GELU, LayerNorm), then Linear(4096, 32000) and cross-entropy over a
                     32000-word vocabulary (the next value of variable 0, binned), 8192 tokens
@@ -36,6 +40,7 @@ from torch import nn
 import torch_hpc
 
 LORENZ_VARS = 40
+MODELS = ["transformer-4096", "transformer-1024", "encoder-4096", "encoder-1024", "lm-head", "mlp"]
 
 
 class Block(nn.Module):
@@ -69,6 +74,22 @@ class Transformer(nn.Module):
         for block in self.blocks:
             h = block(h, causal)
         return self.head(h)
+
+
+class Encoder(nn.Module):
+    """torch's own pre-LN nn.TransformerEncoder, causal, between Lorenz-96 embeddings."""
+
+    def __init__(self, d, heads, blocks):
+        super().__init__()
+        self.embed = nn.Linear(LORENZ_VARS, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.head = nn.Linear(d, LORENZ_VARS)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        return self.head(self.encoder(self.embed(x), mask=mask, is_causal=True))
 
 
 def lorenz96(batch, steps, seed, dt=0.01, forcing=8.0):
@@ -111,6 +132,10 @@ def model_config(name):
         return {"d": 4096, "heads": 32, "blocks": 2, "seq": 2048, "batch": 8, "lr": 1e-4}
     if name == "transformer-1024":
         return {"d": 1024, "heads": 16, "blocks": 4, "seq": 2048, "batch": 8, "lr": 3e-4}
+    if name == "encoder-4096":
+        return {"d": 4096, "heads": 32, "blocks": 2, "seq": 2048, "batch": 4, "lr": 1e-4}
+    if name == "encoder-1024":
+        return {"d": 1024, "heads": 16, "blocks": 4, "seq": 2048, "batch": 8, "lr": 3e-4}
     if name == "mlp":
         return {"width": 256, "batch": 256, "lr": 1e-3}
     raise KeyError(name)
@@ -148,7 +173,8 @@ def make_task(name, cfg, device):
         return (lambda: LMHead(cfg["d"], cfg["vocab"])), lm_batches, F.cross_entropy
 
     def model():
-        return Transformer(cfg["d"], cfg["heads"], cfg["blocks"])
+        kind = Encoder if name.startswith("encoder") else Transformer
+        return kind(cfg["d"], cfg["heads"], cfg["blocks"])
 
     def batches(seed):
         while True:
@@ -213,8 +239,7 @@ def outside_spread(fp32_curves, emulated_curves):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=["transformer-4096", "transformer-1024", "lm-head", "mlp"],
-                   choices=["transformer-4096", "transformer-1024", "lm-head", "mlp"])
+    p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     p.add_argument("--steps", type=int, default=None, help="steps per run (transformers 8, mlp 400)")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--seeds", type=int, default=3)
