@@ -1,9 +1,10 @@
-"""Switches of torch_hpc's GEMM and convolutions, in the style of torch.backends.cuda.matmul:
+"""Switches of torch_hpc's GEMM, convolutions and attention, in the style of torch.backends.cuda.matmul:
 
     torch_hpc.backends.gemm.sgemm_fallback = False   # keep the emulation for small products
     torch_hpc.backends.gemm.kernel = "sm80"          # "auto" | "sm80" | "sm90"
     torch_hpc.backends.gemm.block_exponents = True   # A's rows: an exponent per 64 k where needed
     torch_hpc.backends.conv.implicit_gemm = "auto"   # the implicit-GEMM kernel where it wins
+    torch_hpc.backends.attention.fused = True        # the fused attention kernel on every call it covers
 
 sgemm_fallback (default True): products too small to fill the GPU (fewer 128x128 output tiles
 than the kernel needs per SM) run on cuBLAS SGEMM with TF32 off, which is faster there and
@@ -107,6 +108,40 @@ class _Conv:
 
 
 conv = _Conv()
+
+
+class _Attention:
+    """fused: where torch_hpc.scaled_dot_product_attention (and F.scaled_dot_product_attention
+    under fp32_emulation()) runs the fused emulated kernel on calls it covers (docs/attention.md).
+    "auto" (the default): calls with at least 2^25 query-key pairs (batch x heads x L x S, half
+    of it when causal), below which torch's fp32 SDPA was measured faster; True: every call it
+    covers; False: never, torch's own call. Lives in the compiled library (read by every call)."""
+
+    @property
+    def fused(self) -> bool | str:
+        return _C._get_fused_attention()
+
+    @fused.setter
+    def fused(self, value: bool | str) -> None:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"torch_hpc.backends.attention.fused: expected False, True or 'auto', got {value!r}")
+        _C._set_fused_attention(value)
+
+    @contextlib.contextmanager
+    def flags(self, fused: bool | str | None = None):
+        before = self.fused
+        try:
+            if fused is not None:
+                self.fused = fused
+            yield
+        finally:
+            self.fused = before
+
+    def __repr__(self):
+        return f"torch_hpc.backends.attention(fused={self.fused!r})"
+
+
+attention = _Attention()
 
 
 def _defaults_from_environment(env=os.environ) -> None:

@@ -13,6 +13,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "settings.h"
 #include "torch_path.h"
 
 namespace torch_hpc {
@@ -116,8 +117,15 @@ bool plain_cuda_float(const at::Tensor& t) {
 
 // Whether the fused kernel takes this call (shapes as torch's SDPA documents them: query
 // (..., H, L, E), key (..., H / G, S, E), value (..., H / G, S, Ev)).
+// torch_hpc.backends.attention.fused = "auto": calls with fewer query-key pairs (batch x heads x
+// L x S, halved when causal) take torch's fp32 SDPA, which an H100 ran faster there (seq 256 x
+// 32 heads: the kernel 0.41-0.79x; seq 1024 x 32 heads: 0.92-1.67x; benchmarks/README.md).
+constexpr double kMinAutoPairs = 33554432.0;  // 2^25
+
 bool fused_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                    double dropout_p, bool is_causal, bool enable_gqa) {
+  const gemm::FusedAttention choice = gemm::fused_attention();
+  if (choice == gemm::FusedAttention::kOff) return false;
   if (!plain_cuda_float(q) || !plain_cuda_float(k) || !plain_cuda_float(v)) return false;
   if (k.device() != q.device() || v.device() != q.device() || dropout_p != 0.0) return false;
   if (at::autocast::is_autocast_enabled(c10::DeviceType::CUDA)) return false;
@@ -132,6 +140,8 @@ bool fused_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (v.size(-2) != S || k.size(-1) != E || L == 0 || S == 0 || q.numel() == 0) return false;
   if (E > gemm::kMaxAttentionDim || Ev > gemm::kMaxAttentionDim || Ev == 0) return false;
   if (q.numel() / (L * E) > 65535) return false;
+  const double pairs = static_cast<double>(q.numel() / (L * E)) * static_cast<double>(L) * static_cast<double>(S);
+  if (choice == gemm::FusedAttention::kAuto && pairs * (is_causal ? 0.5 : 1.0) < kMinAutoPairs) return false;
   if (mask.defined()) {
     if (is_causal || mask.device() != q.device() || mask.layout() != at::kStrided ||
         (mask.scalar_type() != at::kFloat && mask.scalar_type() != at::kBool) || mask.requires_grad() ||

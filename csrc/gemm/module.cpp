@@ -60,6 +60,30 @@ PyObject* set_block_exponents(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// torch_hpc.backends.attention.fused: False, "auto" or True
+PyObject* get_fused_attention(PyObject*, PyObject*) {
+  switch (torch_hpc::gemm::fused_attention()) {
+    case torch_hpc::gemm::FusedAttention::kOff: Py_RETURN_FALSE;
+    case torch_hpc::gemm::FusedAttention::kOn: Py_RETURN_TRUE;
+    default: return PyUnicode_FromString("auto");
+  }
+}
+
+PyObject* set_fused_attention(PyObject*, PyObject* arg) {
+  using torch_hpc::gemm::FusedAttention;
+  if (arg == Py_False || arg == Py_True) {
+    torch_hpc::gemm::set_fused_attention(arg == Py_True ? FusedAttention::kOn : FusedAttention::kOff);
+    Py_RETURN_NONE;
+  }
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name != nullptr && std::strcmp(name, "auto") == 0) {
+    torch_hpc::gemm::set_fused_attention(FusedAttention::kAuto);
+    Py_RETURN_NONE;
+  }
+  PyErr_SetString(PyExc_ValueError, "torch_hpc.backends.attention.fused: expected False, True or 'auto'");
+  return nullptr;
+}
+
 PyMethodDef methods[] = {
     {"_get_sgemm_fallback", get_sgemm_fallback, METH_NOARGS, nullptr},
     {"_set_sgemm_fallback", set_sgemm_fallback, METH_O, nullptr},
@@ -67,6 +91,8 @@ PyMethodDef methods[] = {
     {"_set_gemm_kernel", set_kernel, METH_O, nullptr},
     {"_get_block_exponents", get_block_exponents, METH_NOARGS, nullptr},
     {"_set_block_exponents", set_block_exponents, METH_O, nullptr},
+    {"_get_fused_attention", get_fused_attention, METH_NOARGS, nullptr},
+    {"_set_fused_attention", set_fused_attention, METH_O, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

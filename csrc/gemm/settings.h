@@ -21,5 +21,11 @@ KernelChoice kernel_choice();
 void set_block_exponents(bool enabled);
 bool block_exponents();
 
+// Where torch_hpc.scaled_dot_product_attention takes the fused kernel: never, where the call is
+// large enough to win (auto, the default), or wherever the kernel applies.
+enum class FusedAttention : int { kOff = 0, kAuto = 1, kOn = 2 };
+void set_fused_attention(FusedAttention choice);
+FusedAttention fused_attention();
+
 }  // namespace gemm
 }  // namespace torch_hpc
