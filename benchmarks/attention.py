@@ -5,6 +5,8 @@
     python benchmarks/attention.py                                   # seq 512..8192, head dim 64 and 128
     python benchmarks/attention.py --seqs 1024 4096 --dims 128 --causal 1
 
+torch_hpc is the op as users get it (torch_hpc.backends.attention.fused = "auto"); --methods
+fused forces the kernel on every shape (where "auto" gives small calls to torch).
 Per shape (batch x heads = --bh, split as batch 2), forward and forward + backward: TFLOP/s with
 FlashAttention's flop count (forward 4 B H L S D, halved when causal; backward 2.5x the
 forward), each method timed by CUDA events in 3 interleaved rounds after warm-up (median), and
@@ -24,14 +26,21 @@ import torch.nn.functional as F
 import torch_hpc
 from gemm import time_torch
 
-METHODS = ["fp32", "torch_hpc", "bf16"]
-LABELS = {"fp32": "torch fp32 SDPA (TF32 off)", "torch_hpc": "torch_hpc", "bf16": "torch bf16 SDPA (less accurate)"}
+METHODS = ["fp32", "torch_hpc", "fused", "bf16"]
+DEFAULT_METHODS = ["fp32", "torch_hpc", "bf16"]
+LABELS = {"fp32": "torch fp32 SDPA (TF32 off)", "torch_hpc": "torch_hpc", "fused": "torch_hpc, fused kernel forced",
+          "bf16": "torch bf16 SDPA (less accurate)"}
 PASSES = ["forward", "forward+backward"]
 
 
 def call(method):
-    if method == "torch_hpc":
+    if method == "torch_hpc":  # as users get it (backends.attention.fused = "auto")
         return torch_hpc.scaled_dot_product_attention
+    if method == "fused":
+        def fused(*args, **kw):
+            with torch_hpc.backends.attention.flags(fused=True):
+                return torch_hpc.scaled_dot_product_attention(*args, **kw)
+        return fused
     return F.scaled_dot_product_attention
 
 
@@ -140,7 +149,9 @@ def main(argv=None):
     p.add_argument("--dims", type=int, nargs="*", default=[64, 128])
     p.add_argument("--causal", type=int, nargs="*", default=[0, 1], choices=[0, 1])
     p.add_argument("--bh", type=int, default=32, help="batch x heads (batch 2)")
-    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=METHODS,
+                   help="torch_hpc: as users get it (torch_hpc.backends.attention.fused = 'auto': small calls "
+                        "take torch's); fused: the kernel on every call")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
