@@ -105,7 +105,8 @@ def bench_point(args, seq, dim, causal, device):
     return row
 
 
-def print_table(rows, methods, out=sys.stdout):
+def print_table(rows, methods, out=None):
+    out = out or sys.stdout
     print(f"{'seq':>6} {'dim':>4} {'causal':>6} {'pass':>17} | " + " | ".join(f"{LABELS[m]:>30}" for m in methods),
           file=out)
     for r in rows:

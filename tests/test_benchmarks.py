@@ -10,6 +10,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import attention  # noqa: E402
 import conv  # noqa: E402
 import gemm  # noqa: E402
 import models  # noqa: E402
@@ -104,3 +105,18 @@ def test_conv_benchmark_whole_network_steps(tmp_path):
     for times in result["networks"].values():
         assert set(times) == {"fp32", "torch_hpc"} and all(t["ms_per_step"] > 0 for t in times.values())
     assert sum(isinstance(m, torch.nn.Conv2d) for m in conv.resnet50().modules()) == 53
+
+
+def test_attention_benchmark_needs_a_gpu_and_reports_its_rows(tmp_path, capsys):
+    """On CPU the script says it needs a GPU; its table and plot take the rows it measures."""
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            attention.main(["--out", str(tmp_path)])
+    cell = lambda s: {"forward": {"seconds": s, "tflops": 1 / s}, "forward+backward": {"seconds": 3 * s, "tflops": 1 / s}}  # noqa: E731
+    errors = {"output": 1e-7, "grad_q": 2e-7, "grad_k": 2e-7, "grad_v": 1e-7}
+    rows = [{"seq": 1024, "dim": 64, "causal": c, "bh": 32, "fp32": {**cell(2.0), "errors": errors},
+             "torch_hpc": {**cell(1.0), "errors": errors}} for c in (False, True)]
+    attention.print_table(rows, ["fp32", "torch_hpc"])
+    assert capsys.readouterr().out.count(" 2.00x") == 4
+    attention.plot(rows, ["fp32", "torch_hpc"], str(tmp_path / "a.png"), "test")
+    assert (tmp_path / "a.png").exists()
