@@ -1,4 +1,5 @@
-"""Per-call cost of torch_hpc's ops, of the fp32_emulation() mode and of torch_hpc.nn.Linear,
+"""Per-call cost of torch_hpc's ops, of the fp32_emulation() mode (its routing of products and of
+F.scaled_dot_product_attention: "mode sdpa", small enough that torch's SDPA runs) and of torch_hpc.nn.Linear,
 beside torch's own call for the same shape, forward and forward + backward.
 
     python benchmarks/overhead.py                  # GPU: squares 128..1024
@@ -50,6 +51,9 @@ def cases(n, device, cpu_mode):
     def at(a, b):
         return a @ b
 
+    def attention_inputs():  # BATCH heads of length n, head dim 64: under "auto" torch's SDPA runs (the route's cost)
+        return tuple(torch.randn(1, BATCH, n, 64, device=device) for _ in range(3))
+
     none = contextlib.nullcontext
     out = {
         "mm": (two(), torch.mm, torch_hpc.mm, none),
@@ -57,6 +61,8 @@ def cases(n, device, cpu_mode):
         "matmul": (two(BATCH), torch.matmul, torch_hpc.matmul, none),
         "linear": (linear_inputs, F.linear, torch_hpc.linear, none),
         "mode a @ b": (two(), at, at, lambda: torch_hpc.fp32_emulation(cpu=cpu_mode)),
+        "mode sdpa": (attention_inputs, F.scaled_dot_product_attention, F.scaled_dot_product_attention,
+                      lambda: torch_hpc.fp32_emulation(cpu=cpu_mode)),
     }
     plain, emulated = module_pair()
     out["nn.Linear"] = (lambda: (torch.randn(n, n, device=device),), plain, emulated, none)

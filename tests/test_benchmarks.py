@@ -21,7 +21,7 @@ import train  # noqa: E402
 def test_overhead_benchmark_reports_every_case(tmp_path):
     rows = overhead.main(["--device", "cpu", "--sizes", "8", "--calls", "5", "--rounds", "2",
                           "--out", str(tmp_path)])
-    cases = {"mm", "bmm", "matmul", "linear", "mode a @ b", "nn.Linear"}
+    cases = {"mm", "bmm", "matmul", "linear", "mode a @ b", "mode sdpa", "nn.Linear"}
     assert {(r["case"], r["pass"]) for r in rows} == {(c, p) for c in cases for p in overhead.PASSES}
     assert all(r["torch_us"] > 0 and r["torch_hpc_us"] > 0 for r in rows)
     assert (tmp_path / "overhead-cpu.png").exists()
