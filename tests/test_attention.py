@@ -219,6 +219,26 @@ def test_cuda_auto_leaves_small_calls_to_torch():
     assert torch.equal(large, fused)
 
 
+@requires_kernel
+def test_cuda_deterministic_mode_takes_torchs_call():
+    q, k, v = _inputs((1, 2, 128, 64), (1, 2, 128, 64), device="cuda")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = torch_hpc.scaled_dot_product_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(out, ref)
+
+
+@requires_kernel
+def test_cuda_double_backward_raises_a_clear_error():
+    q, k, v = _inputs((1, 2, 128, 64), (1, 2, 128, 64), device="cuda")
+    out = torch_hpc.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(NotImplementedError, match="not itself differentiable"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
 # -- CPU (CI) --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"scale": 0.2}, {"enable_gqa": True}],

@@ -85,6 +85,11 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // (grad mode is on in backward only under create_graph=True)
+    TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(),
+                                "torch_hpc.scaled_dot_product_attention: the fused kernel's backward is not itself "
+                                "differentiable (create_graph=True); with torch_hpc.backends.attention.fused = False "
+                                "torch's own call runs, whose math backend is");
     const variable_list s = ctx->get_saved_variables();
     const std::optional<at::Tensor> mask = s[5].defined() ? std::optional<at::Tensor>(s[5]) : std::nullopt;
     auto [dq, dk, dv] = call_attention_backward(grads[0], s[0], s[1], s[2], s[3], s[4], mask,
@@ -129,6 +134,10 @@ bool fused_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (!plain_cuda_float(q) || !plain_cuda_float(k) || !plain_cuda_float(v)) return false;
   if (k.device() != q.device() || v.device() != q.device() || dropout_p != 0.0) return false;
   if (at::autocast::is_autocast_enabled(c10::DeviceType::CUDA)) return false;
+  // the backward adds dQ with atomics: torch's call where deterministic algorithms are asked for
+  if (at::globalContext().deterministicAlgorithms() && at::GradMode::is_enabled() &&
+      (q.requires_grad() || k.requires_grad() || v.requires_grad()))
+    return false;
   const int64_t dims = q.dim();
   if (dims < 3 || k.dim() != dims || v.dim() != dims) return false;
   for (int64_t d = 0; d < dims - 3; ++d)
