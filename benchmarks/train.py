@@ -1,10 +1,17 @@
 """Time to accuracy and throughput of DistributedOptimizer (sync, async, async staleness=2)
-against DDP (on hpc_mpi and on gloo), with and without a straggler, at several rank counts, on
-sklearn's digits (examples/train_digits.py under mpiexec).
+against DDP (on hpc_mpi and on gloo; on GPUs also on NCCL, with DistributedOptimizer sync over
+NCCL), with and without a straggler, at several rank counts, on sklearn's digits
+(examples/train_digits.py under mpiexec).
 
     python benchmarks/train.py                       # 2 and 4 ranks, 3 runs per configuration
     python benchmarks/train.py --ranks 2 4 8 16      # a 16-core node
     python benchmarks/train.py --model cnn --width 512 --steps 600   # heavier model
+    python benchmarks/train.py --device cuda --ranks 1 2 4 8 --model cnn --width 512   # a GPU per rank
+    python benchmarks/train.py --device cuda --ranks 2 --configs "DDP hpc_mpi" sync async  # ranks sharing a GPU
+
+On --device cuda every rank takes the GPU of its local rank (shared round-robin where there are
+fewer GPUs than ranks, which NCCL refuses: leave its configurations out there); the ratios are
+then to DDP on NCCL.
 
 The straggler (rank 1) sleeps as long as its own measured step time after every step (2x
 slower). Each cell is the median of the runs; rank 0 evaluates the global parameters on the
@@ -25,11 +32,22 @@ from torch_hpc.distributed.launcher import mpiexec_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "examples", "train_digits.py")
-# (name, --mode, --backend, --staleness); the DDP-on-hpc_mpi row is the baseline of the ratios
+# (name, --mode, --backend, --staleness). The baseline of the ratios: DDP on NCCL on GPUs (one
+# per rank), DDP on hpc_mpi on CPUs.
 CONFIGS = [("DDP hpc_mpi", "ddp", "hpc_mpi", None), ("DDP gloo", "ddp", "gloo", None),
-           ("sync", "sync", "hpc_mpi", None), ("async", "async", "hpc_mpi", None),
+           ("DDP nccl", "ddp", "nccl", None), ("sync", "sync", "hpc_mpi", None),
+           ("sync nccl", "sync", "nccl", None), ("async", "async", "hpc_mpi", None),
            ("async s=2", "async", "hpc_mpi", 2)]
-BASELINE = "DDP hpc_mpi"
+NCCL_CONFIGS = {name for name, _, backend, _ in CONFIGS if backend == "nccl"}
+
+
+def default_configs(device):
+    """Every configuration the device can run (NCCL ones need GPUs)."""
+    return [name for name, *_ in CONFIGS if device == "cuda" or name not in NCCL_CONFIGS]
+
+
+def baseline(configs):
+    return "DDP nccl" if "DDP nccl" in configs else "DDP hpc_mpi"
 
 
 def mpiexec(n):
@@ -87,14 +105,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS per rank (measured: 4 ranks x 4 threads on 16 cores made "
                         "async 5x slower; intra-op threads spin and starve the exchange thread)")
-    p.add_argument("--configs", nargs="*", default=[c[0] for c in CONFIGS],
-                   choices=[c[0] for c in CONFIGS])
+    p.add_argument("--configs", nargs="*", default=None, choices=[c[0] for c in CONFIGS],
+                   help="default: every configuration the device runs (the NCCL ones on --device cuda)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--tag", default="")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="run nothing: combine the rows of earlier runs' JSON files (e.g. the 16-rank "
                         "DDP gloo cells measured apart) into one table, JSON and PNG")
     args = p.parse_args(argv)
+    if args.configs is None:
+        args.configs = default_configs(args.device)
+    if args.device != "cuda" and NCCL_CONFIGS & set(args.configs):
+        sys.exit(f"--configs {sorted(NCCL_CONFIGS & set(args.configs))}: NCCL runs with --device cuda only")
     if args.merge:
         rows, curves, meta = merged(args.merge)
         args.ranks = sorted({r["ranks"] for r in rows})
@@ -103,6 +125,9 @@ def main(argv=None):
 
     _, mpi_version = mpiexec(2)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    if args.device == "cuda":
+        import torch
+        machine += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     print(f"# digits: DistributedOptimizer vs DDP, ranks {args.ranks}, {args.model} width {args.width}, "
           f"{args.steps} steps/rank, {args.repeats} runs each, {machine}, {mpi_version}, "
           f"{datetime.date.today()}", flush=True)
@@ -167,6 +192,8 @@ def report(args, rows, curves, meta):
     def ratio(a, b):
         return a / b if a and b else None
 
+    base = baseline({r["config"] for r in rows})
+
     print(f"\n{'ranks':>5} {'config':12s} {'straggler':>9s} | {'time to ' + format(args.target, '.0%'):>12s} | "
           f"{'steps/s/rank':>12s} | {'accuracy':>8s} | {'KiB/step':>8s} | {'exch ms':>7s} | {'wait ms':>7s}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
@@ -179,16 +206,17 @@ def report(args, rows, curves, meta):
               f"{fmt(r.get('wait_ms_per_step'), '7.3f'):>7s}")
     summary = {}
     for ranks in args.ranks:
+        others = [c for c in ("sync", "sync nccl", "async", "DDP gloo", "DDP hpc_mpi") if c != base]
         summary[str(ranks)] = {
-            f"{c} / {BASELINE} steps/s per rank, no straggler":
-                ratio(cell(ranks, c, False, "steps_per_s_per_rank"), cell(ranks, BASELINE, False, "steps_per_s_per_rank"))
-            for c in ("sync", "async", "DDP gloo")}
-        summary[str(ranks)]["async / DDP hpc_mpi time to target, straggler"] = ratio(
-            cell(ranks, "async", True, "time_to_target_s"), cell(ranks, BASELINE, True, "time_to_target_s"))
-        for c in ("sync", "async"):
-            a, b = cell(ranks, c, False, "final_accuracy"), cell(ranks, BASELINE, False, "final_accuracy")
-            summary[str(ranks)][f"{c} - DDP hpc_mpi final accuracy, points"] = \
-                None if a is None or b is None else 100 * (a - b)
+            f"{c} / {base} steps/s per rank, no straggler":
+                ratio(cell(ranks, c, False, "steps_per_s_per_rank"), cell(ranks, base, False, "steps_per_s_per_rank"))
+            for c in others if cell(ranks, c, False, "steps_per_s_per_rank") is not None}
+        summary[str(ranks)][f"async / {base} time to target, straggler"] = ratio(
+            cell(ranks, "async", True, "time_to_target_s"), cell(ranks, base, True, "time_to_target_s"))
+        for c in ("sync", "sync nccl", "async"):
+            a, b = cell(ranks, c, False, "final_accuracy"), cell(ranks, base, False, "final_accuracy")
+            if a is not None and b is not None:
+                summary[str(ranks)][f"{c} - {base} final accuracy, points"] = 100 * (a - b)
     print(f"\nsummary: {json.dumps(summary, indent=1)}")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train-{args.model}-{'-'.join(map(str, args.ranks))}ranks"

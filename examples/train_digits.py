@@ -1,10 +1,13 @@
 """Data-parallel training on sklearn's bundled digits (8x8 images, 1797 samples, no download)
 with torch_hpc's DistributedOptimizer, synchronous or asynchronous, or with plain DDP as the
-baseline (`--mode ddp`, on hpc_mpi or `--backend gloo`), or with no exchange at all (`--mode local`:
-every rank trains alone, the throughput ceiling).
+baseline (`--mode ddp`, on hpc_mpi, `--backend gloo` or, one GPU per rank, `--backend nccl`), or
+with no exchange at all (`--mode local`: every rank trains alone, the throughput ceiling).
+`--mode sync` runs over hpc_mpi or NCCL (`--backend nccl`: DistributedOptimizer over the NCCL
+world group), `--mode async` over hpc_mpi (MPI one-sided windows).
 
     mpiexec -n 4 python examples/train_digits.py --mode async --straggler 1:2
     mpiexec -n 4 python examples/train_digits.py --mode ddp --backend gloo
+    torchrun --nproc_per_node=8 examples/train_digits.py --mode sync --backend nccl --device cuda
     torchrun --nproc_per_node=2 examples/train_digits.py --mode sync --emulate-fp32
     mpiexec -n 2 python examples/train_digits.py --steps 200 --checkpoint ck.pt   # then --resume ck.pt
 
@@ -64,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["sync", "async", "ddp", "local"], default="async",
                    help="DistributedOptimizer sync/async, torch's DistributedDataParallel, or no "
                         "exchange (local)")
-    p.add_argument("--backend", choices=["hpc_mpi", "gloo"], default="hpc_mpi",
-                   help="process-group backend (async needs hpc_mpi)")
+    p.add_argument("--backend", choices=["hpc_mpi", "gloo", "nccl"], default="hpc_mpi",
+                   help="process-group backend (async needs hpc_mpi; sync hpc_mpi or nccl; nccl a GPU per rank)")
     p.add_argument("--staleness", type=int, default=None, help="async: bound on steps ahead (default none)")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--width", type=int, default=256)
@@ -90,16 +93,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Combinations the example cannot run, refused before any process group exists."""
+    if args.mode == "async" and args.backend != "hpc_mpi":
+        raise SystemExit("train_digits.py: --mode async runs on --backend hpc_mpi (MPI one-sided windows)")
+    if args.mode == "sync" and args.backend not in ("hpc_mpi", "nccl"):
+        raise SystemExit("train_digits.py: --mode sync runs on --backend hpc_mpi or nccl")
+    if args.backend == "nccl" and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise SystemExit("train_digits.py: --backend nccl needs a GPU per rank (--device cuda or auto on a GPU host)")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.mode in ("sync", "async") and args.backend != "hpc_mpi":
-        raise SystemExit("train_digits.py: --mode sync/async run on --backend hpc_mpi")
+    check_args(args)
     if args.mode in ("ddp", "local") and (args.checkpoint or args.resume):
         raise SystemExit("train_digits.py: --checkpoint/--resume are DistributedOptimizer checkpoints "
                          "(--mode sync/async)")
     launch = torch_hpc.distributed.init(args.backend)
     rank, world = launch.rank, launch.world_size
-    device = launch.device(args.device)
+    device = launch.device("cuda" if args.backend == "nccl" else args.device)
+    if args.backend == "nccl" and torch.cuda.device_count() < launch.local_world_size:
+        raise SystemExit(f"train_digits.py: NCCL needs a GPU per rank: {launch.local_world_size} local ranks, "
+                         f"{torch.cuda.device_count()} GPUs (use --backend hpc_mpi to share GPUs)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)

@@ -120,3 +120,25 @@ def test_attention_benchmark_needs_a_gpu_and_reports_its_rows(tmp_path, capsys):
     assert capsys.readouterr().out.count(" 2.00x") == 4
     attention.plot(rows, ["fp32", "torch_hpc"], str(tmp_path / "a.png"), "test")
     assert (tmp_path / "a.png").exists()
+
+
+def test_train_benchmark_configs_follow_the_device():
+    """NCCL configurations (DDP and DistributedOptimizer sync over NCCL) only on GPUs, where DDP on
+    NCCL is the baseline; on CPUs DDP on hpc_mpi is."""
+    assert not train.NCCL_CONFIGS & set(train.default_configs("cpu"))
+    assert train.NCCL_CONFIGS <= set(train.default_configs("cuda"))
+    assert train.baseline(train.default_configs("cuda")) == "DDP nccl"
+    assert train.baseline(train.default_configs("cpu")) == "DDP hpc_mpi"
+    with pytest.raises(SystemExit, match="NCCL runs with --device cuda only"):
+        train.main(["--configs", "DDP nccl", "--device", "cpu"])
+
+
+def test_train_digits_refuses_what_it_cannot_run():
+    sys.path.insert(0, str(BENCHMARKS.parent / "examples"))
+    import train_digits
+    for argv, message in [(["--mode", "async", "--backend", "gloo"], "async runs on --backend hpc_mpi"),
+                          (["--mode", "sync", "--backend", "gloo"], "sync runs on --backend hpc_mpi or nccl"),
+                          (["--mode", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl needs a GPU per rank")]:
+        with pytest.raises(SystemExit, match=message):
+            train_digits.check_args(train_digits.parse_args(argv))
+    train_digits.check_args(train_digits.parse_args(["--mode", "sync", "--backend", "hpc_mpi"]))
