@@ -1,12 +1,58 @@
 """mode="async": each step adds this rank's parameter change into a global copy held in MPI
 one-sided windows and reads the current global copy back, on the exchange's own thread, while
-the next forward/backward computes. No rank waits for another (unless staleness bounds it)."""
+the next forward/backward computes. No rank waits for another (unless staleness bounds it).
+
+CUDA parameters: the change is computed on the GPU into buffers made once, copied into pinned
+host memory on a side stream, and the exchange starts from a helper thread once that copy has
+landed, so the host goes on queueing the next step meanwhile (no synchronous device-to-host copy
+on the training thread, no allocation per step)."""
+import queue
+import threading
+
 import torch
 import torch.distributed as dist
 
 from torch_hpc.distributed import rma
 
-from ._flat import flatten, unflatten_into
+from ._flat import flatten, flatten_into, unflatten_into
+
+
+class _StartWhenCopied:
+    """A daemon thread that waits for a CUDA event, then runs a function: the exchange's start
+    once the device-to-host copy of the step's change has landed. join() waits for the last one
+    and raises what it raised."""
+
+    def __init__(self):
+        self._jobs = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error = None
+        self._thread = None
+
+    def submit(self, event, fn):
+        self.join()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="torch_hpc-async-start", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put((event, fn))
+
+    def join(self):
+        self._idle.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self):
+        while True:
+            event, fn = self._jobs.get()
+            try:
+                event.synchronize()  # (releases the GIL)
+                fn()
+            except BaseException as e:  # handed to the training thread at join()
+                self._error = e
+            finally:
+                self._idle.set()
 
 
 class AsyncExchange:
@@ -25,9 +71,17 @@ class AsyncExchange:
         self._exchange = rma.exchange(numel, progress_thread=progress_thread,
                                       progress_interval_us=progress_interval_us)
         self._scale = 1.0 / self._exchange.size if op == "average" else 1.0
-        pin = device.type == "cuda"
-        self._delta = torch.empty(numel, pin_memory=pin)
-        self._received = torch.empty(numel, pin_memory=pin)
+        self._cuda = device.type == "cuda"
+        self._delta = torch.empty(numel, pin_memory=self._cuda)
+        self._received = torch.empty(numel, pin_memory=self._cuda)
+        if self._cuda:  # made once: the flat parameters after a step, their change, the global copy
+            self._after = torch.empty(numel, device=device)
+            self._base_device = torch.empty(numel, device=device)
+            self._delta_device = torch.empty(numel, device=device)
+            self._received_device = torch.empty(numel, device=device)
+            self._copy_stream = torch.cuda.Stream(device)
+            self._copied = torch.cuda.Event(blocking=True)  # the helper thread sleeps, not spins
+            self._starter = _StartWhenCopied()
         self._written = False
         self._pending = False
         self._local_step = 0
@@ -45,15 +99,25 @@ class AsyncExchange:
         self._adopt()
 
     def after_step(self):
-        after = flatten(self._state_tensors)
-        if after.device == self._delta.device:
-            torch.sub(after, self._base, out=self._delta)
-        else:
-            self._delta.copy_(after - self._base)  # device to host: synchronous for CUDA
-        self._base = after
         self._local_step += 1
-        self._exchange.start(self._delta, self._scale, self._received, self._local_step,
-                             -1 if self._staleness is None else self._staleness)
+        staleness = -1 if self._staleness is None else self._staleness
+        if self._cuda:
+            after = flatten_into(self._after, self._state_tensors)
+            torch.sub(after, self._base, out=self._delta_device)
+            self._base = self._base_device.copy_(after)
+            current = torch.cuda.current_stream(self._device)
+            self._copy_stream.wait_stream(current)
+            with torch.cuda.stream(self._copy_stream):
+                self._delta.copy_(self._delta_device, non_blocking=True)
+                self._copied.record(self._copy_stream)
+            step = self._local_step
+            self._starter.submit(self._copied, lambda: self._exchange.start(
+                self._delta, self._scale, self._received, step, staleness))
+        else:
+            after = flatten(self._state_tensors)
+            torch.sub(after, self._base, out=self._delta)
+            self._base = after
+            self._exchange.start(self._delta, self._scale, self._received, self._local_step, staleness)
         self._pending = True
         if self._staleness == 0:  # no overlap: the next step starts from everyone's update
             self._adopt()
@@ -97,14 +161,21 @@ class AsyncExchange:
         if not self._pending:
             return
         self._pending = False
+        self._join_start()
         if not self._exchange.wait():
             self.skipped_updates += 1
-        received = self._received.to(self._device, non_blocking=True)
+        received = (self._received_device.copy_(self._received, non_blocking=True) if self._cuda
+                    else self._received)
         if self._has_buffers:  # (flatten returns a new tensor: updated in place)
             self._load(flatten(self._state_tensors).sub_(self._base).add_(received))
         else:
             self._load(received)
         self._base = received
+
+    def _join_start(self):
+        """Waits until the helper thread has started the exchange in flight (CUDA)."""
+        if self._cuda:
+            self._starter.join()
 
     def stats(self):
         return self._exchange.stats()
@@ -119,6 +190,7 @@ class AsyncExchange:
         """The global copy as the windows hold it now (not collective)."""
         if not self._written:
             return flatten(self._state_tensors)
+        self._join_start()
         peek = torch.empty(self._delta.numel())
         self._exchange.read(peek)
         return peek.to(self._device)
@@ -127,6 +199,7 @@ class AsyncExchange:
         """Collective: every rank writes its shard of `flat` into the global copy."""
         if self._pending:
             self._pending = False
+            self._join_start()
             self._exchange.wait()
         self._load(flat)
         self._write_global(flat)

@@ -10,6 +10,14 @@ def flatten(tensors, dtype=torch.float32) -> torch.Tensor:
                           for t in tensors])
 
 
+def flatten_into(out: torch.Tensor, tensors) -> torch.Tensor:
+    """flatten(tensors) written into `out` (float32, numel of them all): no allocation per call
+    when the tensors are float32."""
+    with torch.no_grad():
+        return torch.cat([t.reshape(-1) if t.dtype == out.dtype else t.reshape(-1).to(out.dtype) for t in tensors],
+                         out=out)
+
+
 def slices(flat: torch.Tensor, tensors):
     """Consecutive views of `flat` shaped like each of `tensors`."""
     offset = 0
