@@ -18,7 +18,8 @@ module_db = pytest.importorskip("torch.testing._internal.common_modules").module
 torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 ROUTED = ["mm", "bmm", "matmul", "__rmatmul__", "addmm", "baddbmm", "nn.functional.linear",
-          "nn.functional.conv1d", "nn.functional.conv2d", "nn.functional.conv3d"]
+          "nn.functional.conv1d", "nn.functional.conv2d", "nn.functional.conv3d",
+          "nn.functional.scaled_dot_product_attention"]
 OPS = [o for o in op_db if o.name in ROUTED and o.variant_test_name in ("", "decomposed")]
 
 
@@ -54,8 +55,8 @@ def test_routed_op_matches_torch_on_its_opinfo_samples(op, device):
     tf32 = matmul.allow_tf32
     matmul.allow_tf32 = False  # torch's fp32 reference products
     routed = []
-    try:
-        with cudnn.flags(enabled=cudnn.enabled, allow_tf32=False):
+    try:  # (the fused attention kernel on every sample it covers, not only on large ones)
+        with cudnn.flags(enabled=cudnn.enabled, allow_tf32=False), torch_hpc.backends.attention.flags(fused=True):
             count = _compare_every_sample(op, device, routed)
     finally:
         matmul.allow_tf32 = tf32
