@@ -9,7 +9,9 @@
 #   timeout, stopping the call if they fail (a new kernel's first run); ncu = Nsight Compute on one
 #   8192^3 torch_hpc.mm (split and GEMM kernels: speed of light, pipes, stalls; NCU_SHAPE=MxNxK);
 #   ncu-conv = the same on the implicit-GEMM kernel's forward and both gradients of one ResNet-50
-#   layer, channels_last, batch 64 (NCU_LAYER=index into benchmarks/conv.py's RESNET50, default 2).
+#   layer, channels_last, batch 64 (NCU_LAYER=index into benchmarks/conv.py's RESNET50, default 2);
+#   attention = the attention tests (with PyTorch's OpInfo samples), benchmarks/attention.py
+#   (ATTN_ARGS) and the nn.TransformerEncoder models of benchmarks/models.py (MODELS_ARGS).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 PARTS=${PARTS:-gemm comm}
@@ -88,6 +90,14 @@ fi
 if [[ " $PARTS " == *" conv "* ]]; then
   timeout 400 $PY -m pytest tests/test_conv.py -q -p no:logging -rs -x 2>&1 | tee "$OUT/tests-conv.log" | tail -25
   timeout 500 $PY benchmarks/conv.py --out "$OUT" ${CONV_ARGS:---networks resnet50 superres} 2>&1 | tee "$OUT/conv.log" | grep -v '^\['
+fi
+
+if [[ " $PARTS " == *" attention "* ]]; then
+  timeout 300 $PY -m pytest tests/test_attention.py tests/test_torch_infos.py -k "attention or scaled_dot" -q \
+    -p no:logging -rs 2>&1 | tee "$OUT/tests-attention.log" | tail -15
+  timeout 400 $PY benchmarks/attention.py --out "$OUT" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" | grep -v '^\['
+  timeout 300 $PY benchmarks/models.py --out "$OUT" ${MODELS_ARGS:---models encoder-1024 encoder-4096 --seeds 2 --steps 6} \
+    2>&1 | tee "$OUT/models.log" | tail -8
 fi
 
 if [[ " $PARTS " == *" ncu "* ]]; then
