@@ -7,8 +7,9 @@ q k^T and p v, and in backward the four gradient products, each as three fp16 te
 products of split operands (hi + 2^-11 lo under one power of two per 64-row tile), softmax online
 in fp32, no L x S matrix in memory. Everything else (other dtypes, CPU tensors, dropout, larger
 head dimensions, masks that require grad, symbolic shapes under torch.compile's dynamic mode,
-functorch transforms) takes torch's own call, which also raises torch's errors for bad
-arguments. Under fp32_emulation() F.scaled_dot_product_attention is routed here, so
+functorch transforms, deterministic algorithms with inputs that require grad, and calls smaller
+than torch_hpc.backends.attention.fused = "auto" takes) runs torch's own call, which also raises
+torch's errors for bad arguments. Double backward through the kernel raises NotImplementedError. Under fp32_emulation() F.scaled_dot_product_attention is routed here, so
 nn.MultiheadAttention (need_weights=False) and nn.TransformerEncoderLayer get it.
 
 Rows whose keys are all masked give 0 (as torch's kernels do). Non-finite inputs give NaN in the
