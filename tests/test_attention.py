@@ -239,6 +239,24 @@ def test_cuda_double_backward_raises_a_clear_error():
         torch.autograd.grad(out.sum(), q, create_graph=True)
 
 
+@requires_kernel
+def test_cuda_compile_under_the_mode_traces_the_fused_op():
+    """torch.compile of F.scaled_dot_product_attention inside fp32_emulation(): the routing is
+    traced, so the compiled graph runs the fused op (values equal to the eager op's), backward too."""
+    q, k, v = _inputs((2, 4, 128, 64), (2, 4, 128, 64), device="cuda")
+
+    def f(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True).square().sum()
+
+    with torch_hpc.fp32_emulation():
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v))
+    ref = torch_hpc.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+    assert torch.equal(out, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v))):
+        assert torch.equal(got, want)
+
+
 # -- CPU (CI) --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"scale": 0.2}, {"enable_gqa": True}],
