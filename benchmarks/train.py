@@ -6,7 +6,7 @@ NCCL), with and without a straggler, at several rank counts, on sklearn's digits
     python benchmarks/train.py                       # 2 and 4 ranks, 3 runs per configuration
     python benchmarks/train.py --ranks 2 4 8 16      # a 16-core node
     python benchmarks/train.py --model cnn --width 512 --steps 600   # heavier model
-    python benchmarks/train.py --device cuda --ranks 1 2 4 8 --model cnn --width 512   # a GPU per rank
+    python benchmarks/train.py --device cuda --ranks 1 2 4 8 --model resnet --width 64 --batch-size 64  # a GPU per rank
     python benchmarks/train.py --device cuda --ranks 2 --configs "DDP hpc_mpi" sync async  # ranks sharing a GPU
 
 On --device cuda every rank takes the GPU of its local rank (shared round-robin where there are
@@ -59,7 +59,7 @@ def mpiexec(n):
 def run(args, ranks, mode, backend, staleness, straggler, seed, report_path):
     cmd, _ = mpiexec(ranks)
     cmd += [EXAMPLE, "--quiet", "--mode", mode, "--backend", backend, "--model", args.model,
-            "--width", str(args.width), "--steps", str(args.steps), "--eval-every",
+            "--width", str(args.width), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--eval-every",
             str(args.eval_every), "--seed", str(seed), "--device", args.device,
             "--report", report_path, "--target", str(args.target)]
     if staleness is not None:
@@ -96,8 +96,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "resnet"])
     p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--target", type=float, default=0.95)

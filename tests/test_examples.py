@@ -40,3 +40,12 @@ def test_insitu_superres_under_torchrun_sync(tmp_path):
 def test_train_digits_with_emulated_fp32():
     report = _run("mpiexec", 2, "train_digits.py", "--mode", "sync", "--steps", 150, "--emulate-fp32")
     assert report["emulate_fp32"] and report["final_accuracy"] >= 0.95
+
+
+def test_train_digits_resnet_in_sync_mode():
+    """The residual CNN (the benchmark's GPU-bound model) trains and its BatchNorm buffers end
+    equal on every rank."""
+    report = _run("mpiexec", 2, "train_digits.py", "--mode", "sync", "--model", "resnet", "--width", 8,
+                  "--steps", 60, "--eval-every", 30, "--device", "cpu")
+    assert report["model"] == "resnet" and report["final_accuracy"] >= 0.85, report["final_accuracy"]
+    assert len({r["checksum"] for r in report["ranks"]}) == 1
