@@ -66,14 +66,13 @@ __device__ __forceinline__ void split_pair(float x, float y, uint32_t& hi, uint3
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
-// A fragments (hi, lo) of k16 step t from accumulator tiles c[2t], c[2t + 1] of a 16-row strip,
-// each value times `scale`.
-__device__ __forceinline__ void c_to_a(const float (&c0)[4], const float (&c1)[4], float scale, uint32_t (&hi)[4],
+// A fragments (hi, lo) of k16 step t from accumulator tiles c[2t], c[2t + 1] of a 16-row strip.
+__device__ __forceinline__ void c_to_a(const float (&c0)[4], const float (&c1)[4], uint32_t (&hi)[4],
                                        uint32_t (&lo)[4]) {
-  split_pair(c0[0] * scale, c0[1] * scale, hi[0], lo[0]);
-  split_pair(c0[2] * scale, c0[3] * scale, hi[1], lo[1]);
-  split_pair(c1[0] * scale, c1[1] * scale, hi[2], lo[2]);
-  split_pair(c1[2] * scale, c1[3] * scale, hi[3], lo[3]);
+  split_pair(c0[0], c0[1], hi[0], lo[0]);
+  split_pair(c0[2], c0[3], hi[1], lo[1]);
+  split_pair(c1[0], c1[1], hi[2], lo[2]);
+  split_pair(c1[2], c1[3], hi[3], lo[3]);
 }
 
 template <int N>
@@ -89,19 +88,6 @@ __device__ __forceinline__ void scale_all(float (&f)[N][4], float s) {
   for (int i = 0; i < N; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) f[i][e] *= s;
-}
-
-// Largest |x| of a warp's fragments, on every lane.
-template <int N>
-__device__ __forceinline__ float warp_abs_max(const float (&f)[N][4]) {
-  float m = 0.0f;
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(f[i][e]));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  return m;
 }
 
 // 2^(floor(log2 m) - 14) for a finite m > 0 (1 otherwise), clamped to normal floats: the

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kFwdThreads, DP == 64 ? 2 : 1) attention_forwa
         row_sum[e >> 1] += s[nt][e];
       }
 #pragma unroll
-    for (int t2 = 0; t2 < 4; ++t2) c_to_a(s[2 * t2], s[2 * t2 + 1], 1.0f, ph[t2], pl[t2]);
+    for (int t2 = 0; t2 < 4; ++t2) c_to_a(s[2 * t2], s[2 * t2 + 1], ph[t2], pl[t2]);
 
     // o += p v, two n8 tiles (16 output columns) at a time
     const float vc = v_factor[t];  // (p's 2^14 cancels against the row sum's)
