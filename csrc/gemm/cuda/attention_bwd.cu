@@ -29,17 +29,35 @@ struct Bwd {
   static constexpr size_t kSmemBytes = size_t(kHalves) * sizeof(uint16_t) + (2 * kAttnTile + 8) * sizeof(float);
 };
 
-// f[2] (two n8 tiles) += 3-product of A (hi/lo fragments for 4 k16 steps) and B read by `load`.
-template <typename LoadB>
+// A fragments (hi, lo) of a 16-row strip over 64 k (four k16 steps) from a [m][k] tile, or, with
+// Trans, from a [k][m] tile.
+template <bool Trans>
+__device__ __forceinline__ void a_strip(uint32_t (&ah)[4][4], uint32_t (&al)[4][4], const uint16_t* hi,
+                                        const uint16_t* lo, int m0, int lane) {
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    if constexpr (Trans) {
+      a_frag_trans(ah[t], hi, kLdsP, m0, 16 * t, lane);
+      a_frag_trans(al[t], lo, kLdsP, m0, 16 * t, lane);
+    } else {
+      a_frag(ah[t], hi, kLdsP, m0, 16 * t, lane);
+      a_frag(al[t], lo, kLdsP, m0, 16 * t, lane);
+    }
+  }
+}
+
+// f[2] (two n8 tiles, columns col..) = 3-product of A (a_strip) and B rows 0..63 of [k][n] tiles
+// with rows ld halves long.
 __device__ __forceinline__ void emulated_pair(float (&f)[2][4], const uint32_t (&ah)[4][4], const uint32_t (&al)[4][4],
-                                              LoadB load, const uint16_t* b_hi, const uint16_t* b_lo) {
+                                              const uint16_t* b_hi, const uint16_t* b_lo, int ld, int col, int lane) {
+  zero(f);
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     uint32_t r[4];
-    load(r, b_lo, t);
+    b_frags_trans(r, b_lo, ld, col, 16 * t, lane);
     ptx::mma_16816(f[0], ah[t], r[0], r[1]);
     ptx::mma_16816(f[1], ah[t], r[2], r[3]);
-    load(r, b_hi, t);
+    b_frags_trans(r, b_hi, ld, col, 16 * t, lane);
     ptx::mma_16816(f[0], al[t], r[0], r[1]);
     ptx::mma_16816(f[1], al[t], r[2], r[3]);
   }
@@ -47,9 +65,26 @@ __device__ __forceinline__ void emulated_pair(float (&f)[2][4], const uint32_t (
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     uint32_t r[4];
-    load(r, b_hi, t);
+    b_frags_trans(r, b_hi, ld, col, 16 * t, lane);
     ptx::mma_16816(f[0], ah[t], r[0], r[1]);
     ptx::mma_16816(f[1], ah[t], r[2], r[3]);
+  }
+}
+
+// acc (16 rows x N columns from col0) += c * the 3-product of A (a_strip) and B [k][n] tiles.
+template <int N>
+__device__ __forceinline__ void accumulate_strip(float (&acc)[N / 8][4], const uint32_t (&ah)[4][4],
+                                                 const uint32_t (&al)[4][4], const uint16_t* b_hi, const uint16_t* b_lo,
+                                                 int ld, int col0, float c, int lane) {
+#pragma unroll
+  for (int np = 0; np < N / 16; ++np) {
+    float f[2][4];
+    emulated_pair(f, ah, al, b_hi, b_lo, ld, col0 + 16 * np, lane);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc[2 * np][e] = fmaf(f[0][e], c, acc[2 * np][e]);
+      acc[2 * np + 1][e] = fmaf(f[1][e], c, acc[2 * np + 1][e]);
+    }
   }
 }
 
@@ -221,46 +256,10 @@ __global__ void __launch_bounds__(kBwdThreads, DP == 64 ? 2 : 1) attention_backw
     // phase 2: dV and dK for keys 16 kw.., columns qw * kHalf..
     {
       uint32_t ah[4][4], al[4][4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        a_frag(ah[t], sp_hi, kLdsP, 16 * kw, 16 * t, lane);
-        a_frag(al[t], sp_lo, kLdsP, 16 * kw, 16 * t, lane);
-      }
-      const float c_dv = do_factor * (1.0f / 16384.0f);
-#pragma unroll
-      for (int np = 0; np < kHalf / 16; ++np) {
-        float f[2][4];
-        zero(f);
-        const int col = qw * kHalf + 16 * np;
-        emulated_pair(f, ah, al, [&](uint32_t(&r)[4], const uint16_t* tile, int t) {
-          b_frags_trans(r, tile, kLds, col, 16 * t, lane);
-        }, so_hi, so_lo);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dv[2 * np][e] = fmaf(f[0][e], c_dv, dv[2 * np][e]);
-          dv[2 * np + 1][e] = fmaf(f[1][e], c_dv, dv[2 * np + 1][e]);
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        a_frag(ah[t], sd_hi, kLdsP, 16 * kw, 16 * t, lane);
-        a_frag(al[t], sd_lo, kLdsP, 16 * kw, 16 * t, lane);
-      }
-      const float c_dk = pow2(e_ds) * q_factor * sh.scale;
-#pragma unroll
-      for (int np = 0; np < kHalf / 16; ++np) {
-        float f[2][4];
-        zero(f);
-        const int col = qw * kHalf + 16 * np;
-        emulated_pair(f, ah, al, [&](uint32_t(&r)[4], const uint16_t* tile, int t) {
-          b_frags_trans(r, tile, kLds, col, 16 * t, lane);
-        }, sq_hi, sq_lo);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dk[2 * np][e] = fmaf(f[0][e], c_dk, dk[2 * np][e]);
-          dk[2 * np + 1][e] = fmaf(f[1][e], c_dk, dk[2 * np + 1][e]);
-        }
-      }
+      a_strip<false>(ah, al, sp_hi, sp_lo, 16 * kw, lane);
+      accumulate_strip<kHalf>(dv, ah, al, so_hi, so_lo, kLds, qw * kHalf, do_factor * (1.0f / 16384.0f), lane);
+      a_strip<false>(ah, al, sd_hi, sd_lo, 16 * kw, lane);
+      accumulate_strip<kHalf>(dk, ah, al, sq_hi, sq_lo, kLds, qw * kHalf, pow2(e_ds) * q_factor * sh.scale, lane);
     }
     __syncthreads();  // q and the output gradient are free: the next tile loads under phase 3
     if (qt + 1 < q_tiles) load_q(qt + 1);
@@ -269,21 +268,14 @@ __global__ void __launch_bounds__(kBwdThreads, DP == 64 ? 2 : 1) attention_backw
     // phase 3: dQ for queries 16 kw.., columns qw * kHalf.. (dS = (dS^T)^T from shared memory)
     {
       uint32_t ah[4][4], al[4][4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        a_frag_trans(ah[t], sd_hi, kLdsP, 16 * kw, 16 * t, lane);
-        a_frag_trans(al[t], sd_lo, kLdsP, 16 * kw, 16 * t, lane);
-      }
+      a_strip<true>(ah, al, sd_hi, sd_lo, 16 * kw, lane);
       const float c_dq = pow2(e_ds) * k_factor * sh.scale;
       float* dq = p.dq_accum + (bh * p.q.len_pad + q0 + 16 * kw + (lane >> 2)) * DP;
 #pragma unroll
       for (int np = 0; np < kHalf / 16; ++np) {
         float f[2][4];
-        zero(f);
         const int col = qw * kHalf + 16 * np;
-        emulated_pair(f, ah, al, [&](uint32_t(&r)[4], const uint16_t* tile, int t) {
-          b_frags_trans(r, tile, kLds, col, 16 * t, lane);
-        }, sk_hi, sk_lo);
+        emulated_pair(f, ah, al, sk_hi, sk_lo, kLds, col, lane);
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
